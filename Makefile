@@ -1,0 +1,43 @@
+# branchmerge: the two commands are `make demo` and `make test`; both install what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# On a machine without a GPU, the CPU build of torch goes in first (an unpinned torch pulls GBs of CUDA
+# libraries). Override for another CPU wheel: `make setup TORCH_CPU_SPEC="torch==2.5.1 --index-url ..."`.
+TORCH_CPU_SPEC ?= torch==2.13.0
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-fast demo lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_CPU_SPEC); fi
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+demo: setup
+	$(PY) -m branchmerge.demo
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf outputs .pytest_cache

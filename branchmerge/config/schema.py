@@ -1,0 +1,144 @@
+"""Dataclass schemas of the primary configs (conf/*.yaml); `validate` checks a composed config.
+
+One schema per config group, composed into one per entry point. A stage that grows a setting adds
+the field here and in its YAML; tests compose every primary config and overlay against these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str  # the project checkout (or BRANCHMERGE_ROOT)
+    output_dir: str  # every output of every stage lives under here
+    toy_dir: str  # the toy world: datasets, tokenizer, base student
+    data_dir: str  # real datasets (local copies of hub datasets)
+    model_dir: str  # real models (local copies of hub checkpoints)
+    run_dir: str  # this run's folder (Hydra's output dir)
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    path: str | None = None  # HF folder or hub id; None = build `arch` from scratch (random init)
+    tokenizer: str | None = None  # defaults to `path`
+    arch: dict[str, Any] | None = None  # Qwen2Config keyword arguments for a from-scratch model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    init_seed: int = 0
+    max_position_embeddings: int | None = None
+    notes: str = ""
+
+
+@dataclass
+class ToyWorldConfig:
+    seed: int
+    splits: dict[str, int]  # split name -> items per domain; "test" is the held-out set
+    domains: dict[str, dict[str, Any]]  # domain -> difficulty knobs (see branchmerge/toy/domain_*.py)
+    vocab_size: int = 1024
+    verify_sample: int | None = 500  # teacher traces per non-test split re-checked by the verifier
+    overwrite: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    name: Literal["toy"]  # issue 6 adds openai, vllm, hf
+    model: str | None = None
+    base_url: str | None = None
+    n: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 32768
+
+
+@dataclass
+class DistillConfig:
+    task_name: str
+    run_name: str
+    seed: int
+    paths: PathsConfig
+    teacher: TeacherConfig
+    toy: ToyWorldConfig | None = None
+    output_dir: str = ""
+
+
+@dataclass
+class DataConfig:
+    name: str
+    train_files: list[str]
+    val_files: list[str] = field(default_factory=list)
+    template: Literal["chatml", "deepseek_r1"] = "chatml"
+    max_length: int = 16384
+    packing: bool = True
+    cross_document_attention: bool = False  # False = packed documents never attend to each other
+    overlong: Literal["truncate", "drop"] = "drop"
+    on_bad_row: Literal["raise", "skip"] = "raise"
+    num_proc: int = 1
+    shuffle_seed: int = 42
+    max_records: int | None = None  # take the first N records of each file (toy runs, smoke tests)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.1
+    schedule: Literal["constant_with_warmup", "cosine"] = "constant_with_warmup"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 caps optimizer steps (overrides epochs)
+    global_batch_size: int = 16  # sequences (packed rows) per optimizer step, over all ranks
+    micro_batch_size: int = 1  # per device
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+    keep_last_checkpoints: int = 2
+    val_every_n_steps: int | None = None
+    threads: int | None = None  # torch intra-op threads per process (None = torch's default)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["single", "ddp", "fsdp2"]
+    backend: str | None = None  # None = nccl on CUDA, gloo on CPU
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+
+@dataclass
+class FisherConfig:
+    enabled: bool = False
+    last_n_steps: int = 10
+
+
+@dataclass
+class TrainConfig:
+    task_name: str
+    run_name: str
+    seed: int
+    paths: PathsConfig
+    model: ModelConfig
+    data: DataConfig
+    trainer: TrainerConfig
+    strategy: StrategyConfig
+    optim: OptimConfig
+    logger: dict[str, dict[str, Any]]
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    resume: Literal["auto", "never"] | str = "auto"
+    export: bool = True

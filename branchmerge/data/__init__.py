@@ -1,0 +1,1 @@
+"""Datasets in the one record schema, chat formats, label masks and packing."""

@@ -1,0 +1,37 @@
+"""Chat templates (Jinja, as stored in `tokenizer_config.json`) the paper's models were trained with.
+
+- `chatml`: Qwen's ChatML, which the paper's branches were trained with (LLaMA-Factory's "qwen").
+- `deepseek_r1`: the DeepSeek-R1 / R1-Distill template.
+Both end the assistant turn with a dedicated end-of-turn token (`END_OF_TURN`), which becomes the EOS
+of the exported generation_config.
+"""
+
+from __future__ import annotations
+
+CHATML = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+DEEPSEEK_R1 = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- message['content'] }}"
+    "{%- elif message['role'] == 'user' %}{{- '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}{{- '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<｜Assistant｜>' }}{%- endif %}"
+)
+
+TEMPLATES = {"chatml": CHATML, "deepseek_r1": DEEPSEEK_R1}
+END_OF_TURN = {"chatml": "<|im_end|>", "deepseek_r1": "<｜end▁of▁sentence｜>"}
+BOS = {"chatml": None, "deepseek_r1": "<｜begin▁of▁sentence｜>"}
+
+
+def get_template(name: str) -> str:
+    if name not in TEMPLATES:
+        raise KeyError(f"unknown chat template '{name}'; choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]

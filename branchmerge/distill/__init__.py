@@ -1,0 +1,1 @@
+"""Selective distillation: teacher traces per domain, verified and filtered into branch datasets."""

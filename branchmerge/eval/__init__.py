@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction and grading shared by the toy verifiers, distillation and lm-eval tasks."""

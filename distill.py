@@ -1,0 +1,18 @@
+"""Selective distillation: teacher traces per domain -> verified, filtered datasets in the record schema.
+
+python distill.py +experiment=toy_data        # the toy world (datasets + tokenizer), CPU, ~1 min
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="distill")
+def main(cfg: DictConfig) -> None:
+    from branchmerge.distill.pipeline import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

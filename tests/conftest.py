@@ -1,0 +1,81 @@
+"""Shared fixtures: a small toy world built once per test session, and Hydra config composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMALL_WORLD = {
+    "seed": 0,
+    "domains": {"math": {}, "code": {}, "science": {}},
+    "splits": {"test": 200, "train": 120, "base": 60},
+}
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory) -> Path:
+    """A toy world (datasets + tokenizer) with 200 test items per domain, built once per session."""
+    from branchmerge.toy.world import SplitSpec, build_world
+
+    out = tmp_path_factory.mktemp("toy_world")
+    build_world(
+        out,
+        seed=SMALL_WORLD["seed"],
+        domains=SMALL_WORLD["domains"],
+        splits=[SplitSpec(k, v) for k, v in SMALL_WORLD["splits"].items()],
+        verify_sample=40,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_world):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_world / "tokenizer")
+
+
+def load_model_entry(name: str, toy_dir: str | Path = "/toy_world"):
+    """conf/model/<name>.yaml on its own (its `defaults` applied), with paths.toy_dir set; resolved."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    if "defaults" in cfg:
+        base = load_model_entry(cfg.defaults[0], toy_dir)
+        cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
+    root = OmegaConf.create({"paths": {"toy_dir": str(toy_dir)}, "model": cfg})
+    return OmegaConf.create(OmegaConf.to_container(root.model, resolve=True))
+
+
+def compose(config_name: str, overrides: list[str] | None = None, run_dir: str | Path = "/tmp/bm-test-run"):
+    """Compose conf/<config_name>.yaml as Hydra would for `python <entry>.py <overrides>`; returns the job
+    config (without the `hydra` node) with Hydra's runtime interpolations resolvable."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = hydra_compose(
+            config_name=config_name,
+            overrides=[*(overrides or []), f"paths.run_dir={run_dir}"],
+            return_hydra_config=True,
+        )
+        with open_dict(cfg.hydra):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.runtime.cwd = str(ROOT)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
