@@ -35,3 +35,44 @@ def get_template(name: str) -> str:
     if name not in TEMPLATES:
         raise KeyError(f"unknown chat template '{name}'; choose one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def render(messages: list[dict[str, str]], template: str) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation exactly as the Jinja template does, plus the character spans the model
+    learns: each assistant turn's content and its end-of-turn token (loss only on these).
+
+    >>> render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chatml")
+    ('<|im_start|>user\\nq<|im_end|>\\n<|im_start|>assistant\\na<|im_end|>\\n', [(35, 46)])
+    """
+    get_template(template)
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+
+    def emit(text: str, learn: bool = False) -> None:
+        nonlocal pos
+        if learn:
+            spans.append((pos, pos + len(text)))
+        parts.append(text)
+        pos += len(text)
+
+    eot = END_OF_TURN[template]
+    if template == "chatml":
+        for m in messages:
+            emit(f"<|im_start|>{m['role']}\n")
+            if m["role"] == "assistant":
+                emit(m["content"] + eot, learn=True)
+                emit("\n")
+            else:
+                emit(m["content"] + eot + "\n")
+    else:  # deepseek_r1
+        emit(BOS[template])
+        for m in messages:
+            if m["role"] == "system":
+                emit(m["content"])
+            elif m["role"] == "user":
+                emit("<｜User｜>" + m["content"])
+            else:
+                emit("<｜Assistant｜>")
+                emit(m["content"] + eot, learn=True)
+    return "".join(parts), spans

@@ -1,0 +1,75 @@
+"""Export a trained model as a plain Hugging Face folder (what every later stage reads).
+
+<run dir>/export/
+  model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
+  config.json, generation_config.json (EOS = the chat template's end-of-turn token)
+  tokenizer files (chat_template = the template trained with)
+  branchmerge.json (resolved training config, git revision, data stats)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from branchmerge.data.chat import END_OF_TURN, TEMPLATES
+from branchmerge.hf_io import atomic_dir, write_sharded
+from branchmerge.models import DTYPES
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def export_hf(
+    state_dict: dict[str, torch.Tensor],
+    config: Any,
+    tokenizer: Any,
+    template: str,
+    out_dir: str | Path,
+    dtype: str,
+    provenance: dict,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write the folder atomically (built beside `out_dir`, renamed at the end)."""
+    torch_dtype = DTYPES[dtype]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tensors = ((k, v.to(torch_dtype)) for k, v in state_dict.items() if not (tied and k == "lm_head.weight"))
+    eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN[template])
+    with atomic_dir(out_dir) as tmp:
+        write_sharded(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        config = config.__class__.from_dict(config.to_dict())
+        config.dtype = torch_dtype
+        config.use_cache = True
+        config.eos_token_id = eot_id
+        config.save_pretrained(tmp)
+        GenerationConfig(
+            eos_token_id=eot_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            do_sample=True,
+            temperature=0.6,
+            top_p=0.95,
+        ).save_pretrained(tmp)
+        tokenizer.chat_template = TEMPLATES[template]
+        tokenizer.eos_token = END_OF_TURN[template]
+        tokenizer.save_pretrained(tmp)
+        (tmp / "branchmerge.json").write_text(
+            json.dumps({"git_revision": git_revision(), **provenance}, indent=2, default=str)
+        )
+    return Path(out_dir)

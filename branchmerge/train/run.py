@@ -1,0 +1,192 @@
+"""`python train.py ...`: validate, build data + model + strategy, fit with resume, export, Fisher.
+
+Writes under the run dir (outputs/train/<run_name>/):
+    checkpoints/step-*.ckpt   periodic, atomic; the newest complete one is resumed automatically
+    logs/metrics.csv          loss, lr, grad norm, tokens/s, packing efficiency (+ MFU on CUDA)
+    data_stats.json           records, overlong (dropped / truncated), tokens, rows, packing efficiency
+    export/                   the HF folder (see branchmerge.train.export)
+    fisher.safetensors        diagonal Fisher over the last N steps (when fisher.enabled)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from branchmerge.config import validate
+from branchmerge.config.schema import TrainConfig
+from branchmerge.data.datamodule import BranchDataModule
+from branchmerge.data.tokenize import check_template_tokens
+from branchmerge.models import load_tokenizer, model_config
+from branchmerge.train.checkpoint import AtomicCheckpoint, newest_checkpoint, remove_partial
+from branchmerge.train.export import export_hf
+from branchmerge.train.module import BranchSFT
+from branchmerge.train.parallel import full_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def make_strategy(cfg: Any, on_gpu: bool):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    s, t = cfg.strategy, cfg.trainer
+    backend = s.backend or ("nccl" if on_gpu else "gloo")
+    world = int(t.devices) * t.num_nodes if str(t.devices).isdigit() else None
+    if s.name == "single":
+        if str(t.devices) not in ("1", "auto") or t.num_nodes != 1:
+            raise ValueError(
+                "strategy=single runs one process: set trainer.devices=1 or pick strategy=ddp/fsdp2"
+            )
+        return "auto"
+    if s.name == "ddp":
+        return DDPStrategy(process_group_backend=backend)
+    if world is None:
+        raise ValueError("strategy=fsdp2 needs an explicit trainer.devices (an integer)")
+    return ModelParallelStrategy(
+        data_parallel_size=world,
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=True,
+        process_group_backend=backend,
+    )
+
+
+def _check_lengths(cfg: Any, tokenizer: Any) -> None:
+    check_template_tokens(tokenizer, cfg.data.template)
+    mc = model_config(cfg.model, tokenizer)
+    limit = cfg.model.max_position_embeddings or getattr(mc, "max_position_embeddings", None)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ValueError(
+            f"data.max_length={cfg.data.max_length} exceeds what model '{cfg.model.name}' can take "
+            f"(max_position_embeddings={limit}); lower data.max_length"
+        )
+
+
+def train(cfg: DictConfig) -> float | None:
+    raw_cfg = cfg
+    cfg = validate(cfg, TrainConfig)
+    run_dir = Path(cfg.paths.run_dir)
+    export_dir = run_dir / "export"
+    if cfg.resume == "auto" and (export_dir / "branchmerge.json").exists():
+        log.info(
+            "run %s is finished (%s exists); delete it or set resume=never to train again",
+            run_dir,
+            export_dir,
+        )
+        return json.loads((export_dir / "branchmerge.json").read_text()).get("final_loss")
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = load_tokenizer(cfg.model)
+    _check_lengths(cfg, tokenizer)
+    on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (
+        cfg.trainer.accelerator == "auto" and torch.cuda.is_available()
+    )
+    strategy = make_strategy(cfg, on_gpu)
+
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = None
+    if cfg.resume == "auto":
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and ckpt_dir.exists():
+            remove_partial(ckpt_dir)
+        ckpt_path = newest_checkpoint(ckpt_dir)
+    elif cfg.resume != "never":
+        ckpt_path = Path(cfg.resume)
+        if not ckpt_path.exists():
+            raise FileNotFoundError(
+                f"resume={cfg.resume} does not exist; use resume=auto or a step-*.ckpt path"
+            )
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+
+    dm = BranchDataModule(cfg.data, tokenizer, cfg.trainer, Path(cfg.paths.output_dir) / "cache" / "datasets")
+    loggers = [instantiate(v) for v in cfg.logger.values()]
+    trainer = L.Trainer(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy,
+        precision=cfg.trainer.precision,
+        max_epochs=1,
+        logger=loggers,
+        callbacks=[
+            AtomicCheckpoint(
+                ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_last_checkpoints
+            )
+        ],
+        enable_checkpointing=False,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+    module = BranchSFT(cfg, tokenizer)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        return _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir)
+    finally:
+        for lg in loggers:
+            if hasattr(lg, "finalize"):
+                lg.finalize("success")
+
+
+def _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir) -> float | None:
+    run_dir = export_dir.parent
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    final_loss = metrics.get("train/loss")
+    sd = full_state_dict(module.model)
+    fisher = module.fisher.full(module.model) if module.fisher is not None else None
+    if trainer.is_global_zero:
+        (run_dir / "data_stats.json").write_text(json.dumps(dm.stats, indent=2))
+        provenance = {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "data_stats": dm.stats,
+            "final_loss": final_loss,
+            "steps": trainer.global_step,
+            "world_size": trainer.world_size,
+            "hydra_overrides": _overrides(raw_cfg),
+        }
+        if cfg.export:
+            export_hf(
+                sd, module.model.config, tokenizer, cfg.data.template, export_dir, cfg.model.dtype, provenance
+            )
+            log.info("exported %s", export_dir)
+        if fisher is not None:
+            module.fisher.save(fisher, run_dir / "fisher.safetensors")
+            log.info(
+                "fisher importance over %d steps: %s", module.fisher.steps, run_dir / "fisher.safetensors"
+            )
+        _summary(run_dir, dm.stats, final_loss, trainer.global_step)
+    return final_loss
+
+
+def _overrides(cfg: DictConfig) -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:
+        return []
+
+
+def _summary(run_dir: Path, stats: dict, loss: float | None, steps: int) -> None:
+    eff = stats.get("packing_efficiency")
+    lines = [
+        f"run dir      {run_dir}",
+        f"steps        {steps}",
+        f"final loss   {loss if loss is None else round(loss, 4)}",
+        f"records      {stats['records']} (overlong {stats['overlong']}: {stats['overlong_action']})",
+        f"packing      {'off' if eff is None else f'{eff:.1%} of token slots hold real tokens'}",
+        f"export       {run_dir / 'export'}",
+    ]
+    log.info("training finished\n%s", "\n".join(lines))

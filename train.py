@@ -1,0 +1,20 @@
+"""Branch SFT: fine-tune one copy of the student per domain on its teacher traces.
+
+python train.py +experiment=toy_math_branch                       # one toy branch, CPU
+python train.py -m +experiment=toy_math_branch,toy_code_branch,toy_science_branch
+python train.py +experiment=math_branch                           # the paper's math branch (32B, GPUs)
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from branchmerge.train.run import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
