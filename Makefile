@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo lint format clean
+.PHONY: setup test test-fast demo lint format clean bench-train
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m branchmerge.demo
+
+bench-train: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) experiments/perf/train_throughput.py
 
 lint: setup
 	$(PY) -m ruff check .

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
+TOY_BASE = ROOT / "branchmerge" / "toy" / "assets" / "toy_base"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,11 +53,16 @@ def load_model_entry(name: str, toy_dir: str | Path = "/toy_world"):
     if "defaults" in cfg:
         base = load_model_entry(cfg.defaults[0], toy_dir)
         cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
-    root = OmegaConf.create({"paths": {"toy_dir": str(toy_dir)}, "model": cfg})
+    root = OmegaConf.create({"paths": {"toy_dir": str(toy_dir), "toy_base": str(TOY_BASE)}, "model": cfg})
     return OmegaConf.create(OmegaConf.to_container(root.model, resolve=True))
 
 
-def compose(config_name: str, overrides: list[str] | None = None, run_dir: str | Path = "/tmp/bm-test-run"):
+def compose(
+    config_name: str,
+    overrides: list[str] | None = None,
+    run_dir: str | Path = "/tmp/bm-test-run",
+    keep_hydra: bool = False,
+):
     """Compose conf/<config_name>.yaml as Hydra would for `python <entry>.py <overrides>`; returns the job
     config (without the `hydra` node) with Hydra's runtime interpolations resolvable."""
     from hydra import compose as hydra_compose
@@ -76,6 +82,7 @@ def compose(config_name: str, overrides: list[str] | None = None, run_dir: str |
             cfg.hydra.runtime.output_dir = str(run_dir)
             cfg.hydra.runtime.cwd = str(ROOT)
         HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
+        if not keep_hydra:
+            with open_dict(cfg):
+                del cfg["hydra"]
     return cfg

@@ -18,6 +18,7 @@ class PathsConfig:
     data_dir: str  # real datasets (local copies of hub datasets)
     model_dir: str  # real models (local copies of hub checkpoints)
     run_dir: str  # this run's folder (Hydra's output dir)
+    toy_base: str = ""  # the shipped toy base student (an HF folder)
 
 
 @dataclass

@@ -36,6 +36,14 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+ENCODE_VERSION = 1  # bump when encode_messages changes what it produces
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """A content hash of the tokenizer (vocabulary, merges, special tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
 def _records_gen(path: str, key: str, on_bad_row: str):
     """Generator for Dataset.from_generator (the key makes the cache follow the file's content)."""
     if on_bad_row == "skip":
@@ -112,12 +120,21 @@ class BranchDataModule(L.LightningDataModule):
             )
             if cfg.max_records is not None:
                 raw = raw.select(range(min(cfg.max_records, len(raw))))
+            key = hashlib.sha256(
+                f"{_file_key(path)}|{cfg.template}|{cfg.max_records}|{tokenizer_key(self.tokenizer)}|"
+                f"{ENCODE_VERSION}".encode()
+            ).hexdigest()[:20]
+            cache_file = self.cache_dir / "tokenized" / f"{path.stem}-{key}.arrow"
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
             parts.append(
                 raw.map(
                     _encode,
                     fn_kwargs={"tokenizer": self.tokenizer, "template": cfg.template},
                     remove_columns=["messages"],
                     num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                    cache_file_name=str(cache_file),
+                    new_fingerprint=key,
+                    load_from_cache_file=True,
                     desc=f"tokenizing {path.name}",
                 )
             )

@@ -69,8 +69,19 @@ def _check_lengths(cfg: Any, tokenizer: Any) -> None:
         )
 
 
+def _quiet_lightning() -> None:
+    """Lightning adds its own console handler; Hydra's already prints (and files) every record once."""
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
 def train(cfg: DictConfig) -> float | None:
     raw_cfg = cfg
+    _quiet_lightning()
     cfg = validate(cfg, TrainConfig)
     run_dir = Path(cfg.paths.run_dir)
     export_dir = run_dir / "export"

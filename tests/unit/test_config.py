@@ -6,17 +6,22 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from branchmerge.config import ConfigError, validate
-from branchmerge.config.schema import DistillConfig, ModelConfig
+from branchmerge.config.schema import DistillConfig, ModelConfig, TrainConfig
 from tests.conftest import CONF, compose, load_model_entry
 
-SCHEMAS = {"distill": DistillConfig}
+SCHEMAS = {"distill": DistillConfig, "train": TrainConfig}
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
 def _primary_for(experiment: str) -> str:
+    """The entry point whose command in the overlay's header runs this overlay."""
+    import re
+
     head = (CONF / "experiment" / f"{experiment}.yaml").read_text()
-    return next(name for name in SCHEMAS if f"python {name}.py" in head)
+    m = re.search(rf"python (\w+)\.py (?:(?!python)[^\n])*\+experiment=[\w,]*\b{experiment}\b", head)
+    assert m, f"conf/experiment/{experiment}.yaml must open with the command that runs it"
+    return m.group(1)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
@@ -75,3 +80,60 @@ def test_every_output_goes_under_paths_output_dir(tmp_path):
     cfg = compose("distill", ["+experiment=toy_data", f"paths.output_dir={tmp_path}"])
     assert Path(cfg.output_dir).is_relative_to(tmp_path)
     assert Path(cfg.paths.toy_dir).is_relative_to(tmp_path)
+
+
+PAPER_RECIPES = {  # PAPER.md, Setup: (epochs, schedule, global batch, cross-document attention)
+    "math_branch": (5, "constant_with_warmup", 96, True),
+    "code_branch": (15, "constant_with_warmup", 96, False),
+    "science_branch": (5, "cosine", 32, False),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_RECIPES))
+def test_32b_branch_configs_are_the_papers_recipe(experiment):
+    cfg = validate(compose("train", [f"+experiment={experiment}"]), TrainConfig)
+    epochs, schedule, batch, cross = PAPER_RECIPES[experiment]
+    assert cfg.model.path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" and cfg.model.dtype == "bfloat16"
+    assert (cfg.trainer.epochs, cfg.optim.schedule, cfg.trainer.global_batch_size) == (
+        epochs,
+        schedule,
+        batch,
+    )
+    assert cfg.data.cross_document_attention is cross and cfg.data.max_length == 16384
+    assert cfg.data.template == "chatml" and cfg.seed == 42
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.eps) == (1e-5, [0.9, 0.95], 1e-8)
+    assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_ratio) == (0.01, 1.0, 0.1)
+    assert cfg.strategy.name == "fsdp2" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.gradient_checkpointing and cfg.trainer.micro_batch_size == 1
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    assert batch % (cfg.trainer.micro_batch_size * world) == 0  # 96 = 3 x 32 ranks, 32 = 1 x 32
+
+
+def test_cfg_job_prints_the_recipe():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "train.py", "+experiment=math_branch", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for line in (
+        "lr: 1.0e-05",
+        "global_batch_size: 96",
+        "max_length: 16384",
+        "epochs: 5",
+        "name: fsdp2",
+        "path: deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
+    ):
+        assert line in out, line
+
+
+def test_slurm_launcher_config_composes():
+    cfg = compose("train", ["+experiment=math_branch", "hydra/launcher=slurm"], keep_hydra=True)
+    assert cfg.hydra.launcher.nodes == 4 and cfg.hydra.launcher.tasks_per_node == 8

@@ -1,0 +1,209 @@
+"""Branch SFT end to end on pico models through `python train.py` (real processes, real files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+BASE = [
+    "model=pico",
+    "data=toy_math",
+    "data.max_length=256",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.progress_bar=false",
+    "trainer.threads=1",
+    "optim.lr=1e-3",
+    "logger=csv",
+]
+
+
+def run_train(
+    out: Path, toy_world: Path, *overrides: str, check: bool = True, **kw
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"paths.output_dir={out}",
+        f"paths.toy_dir={toy_world}",
+        *BASE,
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "export" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, toy_world) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    run_train(
+        out,
+        toy_world,
+        "run_name=single",
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every_n_steps=2",
+        "fisher.enabled=true",
+        "fisher.last_n_steps=2",
+        "logger=wandb",
+    )
+    return out / "train" / "single"
+
+
+def test_run_writes_checkpoints_metrics_and_a_loadable_export(single_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    assert sorted(p.name for p in (single_run / "checkpoints").iterdir()) == [
+        "step-00000002.ckpt",
+        "step-00000004.ckpt",
+    ]
+    ls = losses(single_run)
+    assert len(ls) == 6 and ls[-1] < ls[0]
+    rows = list(csv.DictReader(open(single_run / "logs" / "metrics.csv")))
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/packing_efficiency"} <= set(rows[0])
+    assert len(list((single_run / "wandb").glob("offline-run-*"))) == 1  # W&B offline run, syncable later
+    stats = json.loads((single_run / "data_stats.json").read_text())
+    assert stats["records"] == 120 and 0.5 < stats["packing_efficiency"] <= 1
+    export = single_run / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    gen = GenerationConfig.from_pretrained(export)
+    assert gen.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    prov = json.loads((export / "branchmerge.json").read_text())
+    assert prov["steps"] == 6 and prov["config"]["data"]["template"] == "chatml"
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_fisher_importance_file(single_run):
+    from safetensors import safe_open
+
+    fisher = load_file(single_run / "fisher.safetensors")
+    exported = weights(single_run)
+    assert set(fisher) == set(exported)  # the export's tensor names (pico ties lm_head to the embedding)
+    assert all(fisher[k].shape == exported[k].shape and (fisher[k] >= 0).all() for k in fisher)
+    assert sum(float(v.sum()) for v in fisher.values()) > 0
+    with safe_open(single_run / "fisher.safetensors", "pt") as f:
+        assert f.metadata()["steps"] == "2"
+
+
+def test_finished_run_is_reused(single_run, toy_world):
+    out = single_run.parent.parent
+    t0 = time.time()
+    proc = run_train(out, toy_world, "run_name=single", "trainer.max_steps=6")
+    assert "is finished" in proc.stdout + proc.stderr and time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, toy_world):
+    common = ("trainer.max_steps=8", "trainer.checkpoint_every_n_steps=2", "trainer.keep_last_checkpoints=5")
+    run_train(tmp_path, toy_world, "run_name=straight", *common)
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"paths.output_dir={tmp_path}",
+        f"paths.toy_dir={toy_world}",
+        *BASE,
+        "run_name=killed",
+        *common,
+    ]
+    ckpt = tmp_path / "train" / "killed" / "checkpoints" / "step-00000004.ckpt"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "the run never wrote its step-4 checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = tmp_path / "train" / "killed"
+    assert not (killed / "export").exists()
+    proc = run_train(tmp_path, toy_world, "run_name=killed", *common)
+    assert "resuming from" in proc.stdout + proc.stderr
+    a, b = weights(tmp_path / "train" / "straight"), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the loss curve after the resume point is the uninterrupted one
+    assert losses(killed)[-2:] == losses(tmp_path / "train" / "straight")[-2:]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process(tmp_path, toy_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = ("model=pico_untied", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2")
+    run_train(tmp_path, toy_world, "run_name=one", *common)
+    run_train(tmp_path, toy_world, "run_name=two", "strategy=fsdp2", "trainer.devices=2", *common)
+    one, two = losses(tmp_path / "train" / "one"), losses(tmp_path / "train" / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+    ckpt = tmp_path / "train" / "two" / "checkpoints" / "step-00000002.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # sharded, one file per rank
+    export = tmp_path / "train" / "two" / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    ids = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 4
+    w1, w2 = weights(tmp_path / "train" / "one"), weights(tmp_path / "train" / "two")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+def test_record_without_assistant_turn(tmp_path, toy_world):
+    bad = tmp_path / "bad.jsonl"
+    good = (toy_world / "data" / "math" / "train.jsonl").read_text().splitlines()[:3]
+    row = json.loads(good[0])
+    row["messages"] = row["messages"][:1]
+    bad.write_text("\n".join([good[0], good[1], json.dumps(row), good[2]]) + "\n")
+    proc = run_train(tmp_path, toy_world, "run_name=bad", f"data.train_files=[{bad}]", check=False)
+    assert proc.returncode != 0
+    assert f"{bad}:3: no assistant turn" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.template=llama3"], "data.template: 'llama3' is not one of ['chatml', 'deepseek_r1']"),
+        (
+            ["model.path=/nonexistent/model", "model.arch=null"],
+            "model folder /nonexistent/model does not exist",
+        ),
+        (["data.max_length=4096"], "data.max_length=4096 exceeds what model 'pico' can take"),
+        (["trainer.global_batch_size=7"], "trainer.global_batch_size=7 is not a multiple"),
+        (["+trainer.max_stepz=3"], "trainer.max_stepz: unknown key; did you mean 'trainer.max_steps'?"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, toy_world, overrides, message):
+    proc = run_train(tmp_path, toy_world, "run_name=bad", *overrides, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
