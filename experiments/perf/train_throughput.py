@@ -51,7 +51,7 @@ def ours(out: Path, packing: bool, args) -> dict:
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     import csv
 
-    rows = list(csv.DictReader(open(out / "train" / run / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((out / "train" / run / "logs" / "metrics.csv").read_text().splitlines()))
     tps = [float(r["train/tokens_per_s"]) for r in rows if r.get("train/tokens_per_s")]
     stats = json.loads((out / "train" / run / "data_stats.json").read_text())
     return {

@@ -52,7 +52,7 @@ def run_train(
 
 
 def losses(run_dir: Path) -> list[float]:
-    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").read_text().splitlines()))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
@@ -85,7 +85,7 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_export(single_run):
     ]
     ls = losses(single_run)
     assert len(ls) == 6 and ls[-1] < ls[0]
-    rows = list(csv.DictReader(open(single_run / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((single_run / "logs" / "metrics.csv").read_text().splitlines()))
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/packing_efficiency"} <= set(rows[0])
     assert len(list((single_run / "wandb").glob("offline-run-*"))) == 1  # W&B offline run, syncable later
     stats = json.loads((single_run / "data_stats.json").read_text())
