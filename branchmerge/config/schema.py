@@ -143,3 +143,33 @@ class TrainConfig:
     fisher: FisherConfig = field(default_factory=FisherConfig)
     resume: Literal["auto", "never"] | str = "auto"
     export: bool = True
+
+
+@dataclass
+class MergeOptionsConfig:
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    compute_dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    device: str = "cpu"
+    copy_files_from: str | None = None
+    max_shard_bytes: int = 5_000_000_000
+    check_finite: bool = True
+    chunk_elements: int = 1 << 24
+    hash_inputs: bool = True
+    progress: bool = True
+
+
+@dataclass
+class MergeConfig:
+    task_name: str
+    run_name: str
+    paths: PathsConfig
+    output_dir: str
+    options: MergeOptionsConfig
+    overwrite: bool = False
+    models: dict[str, str] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    method: str | None = None
+    base: str | None = None
+    inputs: list[Any] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    from_mergekit: str | None = None

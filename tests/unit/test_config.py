@@ -6,10 +6,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from branchmerge.config import ConfigError, validate
-from branchmerge.config.schema import DistillConfig, ModelConfig, TrainConfig
+from branchmerge.config.schema import DistillConfig, MergeConfig, ModelConfig, TrainConfig
 from tests.conftest import CONF, compose, load_model_entry
 
-SCHEMAS = {"distill": DistillConfig, "train": TrainConfig}
+SCHEMAS = {"distill": DistillConfig, "train": TrainConfig, "merge": MergeConfig}
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
@@ -137,3 +137,13 @@ def test_cfg_job_prints_the_recipe():
 def test_slurm_launcher_config_composes():
     cfg = compose("train", ["+experiment=math_branch", "hydra/launcher=slurm"], keep_hydra=True)
     assert cfg.hydra.launcher.nodes == 4 and cfg.hydra.launcher.tasks_per_node == 8
+
+
+def test_every_merge_overlay_is_a_valid_recipe():
+    from branchmerge.merge.recipe import parse_steps
+
+    for exp in EXPERIMENTS:
+        if _primary_for(exp) == "merge":
+            cfg = validate(compose("merge", [f"+experiment={exp}"]), MergeConfig)
+            steps = parse_steps([dict(s) for s in cfg.steps], set(cfg.models))
+            assert steps[-1].name and all(s.method for s in steps), exp

@@ -1,0 +1,294 @@
+"""The streaming merge executor: validate everything, then one pass over tensor names.
+
+For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
+tensor only: inputs are read (memory-mapped, one tensor at a time), checked finite, cast to the
+compute dtype on the compute device, merged, and the result's bytes are appended to the output
+shard. The next tensor's inputs are read on a background thread while the current one is merged.
+Chains of row-separable methods (linear, task arithmetic, Fisher) run in blocks of rows, so even
+the embedding never has to be held whole. Intermediate steps live only in memory unless `save`.
+The output folder is built beside the target and renamed at the end (`hf_io.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from branchmerge.hf_io import atomic_dir
+from branchmerge.merge.io import Checkpoint, CheckpointError, ShardWriter
+from branchmerge.merge.provenance import provenance
+from branchmerge.merge.recipe import Step, step_params
+from branchmerge.models import DTYPES
+
+log = logging.getLogger(__name__)
+SKIP_COPY = {".safetensors", ".bin", ".pt", ".pth"}
+SKIP_NAMES = {
+    "model.safetensors.index.json",
+    "branchmerge.json",
+    "merge_provenance.json",
+    "fisher.safetensors",
+}
+ARCH_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+@dataclass
+class MergeOptions:
+    out_dtype: str | None = None  # None = the first input's dtype per tensor
+    compute_dtype: str = "float32"
+    device: str = "cpu"
+    copy_files_from: str | None = None  # a model name; default: the final step's base or first input
+    max_shard_bytes: int = 5 * 1024**3
+    check_finite: bool = True
+    chunk_elements: int = 1 << 24  # row-separable chains run in blocks of about this many elements
+    hash_inputs: bool = True
+    progress: bool = True
+
+
+def validate_inputs(ckpts: dict[str, Checkpoint]) -> list[str]:
+    """Same architecture, tensor names, shapes, vocabulary and embedding tying; returns the names."""
+    problems: list[str] = []
+    ref_name, ref = next(iter(ckpts.items()))
+    for name, ck in ckpts.items():
+        for key in ARCH_KEYS:
+            a, b = ref.config.get(key), ck.config.get(key)
+            if key == "tie_word_embeddings":
+                a, b = bool(a), bool(b)
+            if a != b:
+                what = "tied vs untied embeddings" if key == "tie_word_embeddings" else key
+                problems.append(f"{ck.path}/config.json: {what} differs from {ref_name} ({b!r} vs {a!r})")
+        missing = sorted(set(ref.info) - set(ck.info))
+        extra = sorted(set(ck.info) - set(ref.info))
+        if missing:
+            problems.append(
+                f"{ck.path}: tensor '{missing[0]}' (of {ref_name}) is missing"
+                + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        if extra:
+            problems.append(
+                f"{ck.path}: tensor '{extra[0]}' is not in {ref_name}"
+                + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
+        for t in sorted(set(ref.info) & set(ck.info)):
+            if ref.info[t].shape != ck.info[t].shape:
+                hint = (
+                    " (vocabularies differ: keep the padded Qwen vocabulary in every branch)"
+                    if ("embed" in t or "lm_head" in t)
+                    else ""
+                )
+                problems.append(
+                    f"{ck.info[t].file}: tensor '{t}' has shape {list(ck.info[t].shape)}, "
+                    f"{ref_name} has {list(ref.info[t].shape)}{hint}"
+                )
+    if problems:
+        raise CheckpointError("inputs cannot be merged:\n" + "\n".join(f"  - {p}" for p in problems))
+    return ref.names
+
+
+def _importance_file(model_dir: Path) -> Path:
+    for cand in (model_dir / "fisher.safetensors", model_dir.parent / "fisher.safetensors"):
+        if cand.exists():
+            return cand
+    raise CheckpointError(
+        f"no Fisher importance for {model_dir}: train it with fisher.enabled=true (writes "
+        f"{model_dir.parent / 'fisher.safetensors'}) or estimate one with "
+        "`python -m branchmerge.merge.importance`"
+    )
+
+
+class _Importance:
+    """A fisher.safetensors file read like a checkpoint (tensor names as the model's)."""
+
+    def __init__(self, path: Path, names: list[str]) -> None:
+        from branchmerge.merge.io import read_header
+
+        self.path = path
+        self.names = set(read_header(path)["tensors"])
+        missing = [n for n in names if n not in self.names and not n.endswith("lm_head.weight")]
+        if missing:
+            raise CheckpointError(f"{path}: no importance for tensor '{missing[0]}'")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = name if name in self.names else "model.embed_tokens.weight"  # tied lm_head
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(key)
+
+
+class Merger:
+    def __init__(self, models: dict[str, Path], steps: list[Step], options: MergeOptions) -> None:
+        self.steps, self.opt = steps, options
+        used = {i.ref for s in steps for i in s.inputs} | {s.base for s in steps if s.base}
+        step_names = {s.name for s in steps}
+        self.ckpts = {
+            n: Checkpoint(p)
+            for n, p in models.items()
+            if n in used - step_names or n == options.copy_files_from
+        }
+        self.names = validate_inputs(self.ckpts)
+        first = next(iter(self.ckpts.values()))
+        self.n_layers = first.config.get("num_hidden_layers")
+        self.compute = DTYPES[options.compute_dtype]
+        self.device = torch.device(options.device)
+        self.importance: dict[str, _Importance] = {}
+        for s in steps:
+            if s.method.needs_importance:
+                for i in s.inputs:
+                    if i.ref not in self.ckpts:
+                        raise CheckpointError(
+                            f"step {s.name}: Fisher merging needs model inputs, '{i.ref}' is a step"
+                        )
+                    self.importance[i.ref] = _Importance(_importance_file(self.ckpts[i.ref].path), self.names)
+        self.by_name = {s.name: s for s in steps}
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def _read(self, model: str, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        ck = self.ckpts[model]
+        t = ck.tensor(name) if rows is None else ck.rows(name, *rows)
+        if self.opt.check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{ck.info[name].file}: tensor '{name}' contains NaN or Inf")
+        return t
+
+    def _fetch(self, name: str, rows: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        return {m: self._read(m, name, rows) for m in self.ckpts}
+
+    # ---- computing -------------------------------------------------------------------------------
+    def _eval(
+        self,
+        step: Step,
+        name: str,
+        raw: dict[str, torch.Tensor],
+        memo: dict[str, torch.Tensor],
+        rows: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        if step.name in memo:
+            return memo[step.name]
+
+        def value(ref: str) -> torch.Tensor:
+            if ref in self.by_name:
+                return self._eval(self.by_name[ref], name, raw, memo, rows)
+            return raw[ref].to(self.device, self.compute)
+
+        tensors = [value(i.ref) for i in step.inputs]
+        base = value(step.base) if step.base else None
+        params = step_params(step, name, self.n_layers)
+        if step.method.needs_importance:
+            imp = [self.importance[i.ref].tensor(name) for i in step.inputs]
+            if rows is not None:
+                imp = [t[rows[0] : rows[1]] for t in imp]
+            params["importance"] = [t.to(self.device, self.compute) for t in imp]
+        out = step.method(tensors, base, **params)
+        memo[step.name] = out
+        return out
+
+    def _blocks(self, name: str) -> list[tuple[int, int] | None]:
+        info = next(iter(self.ckpts.values())).info[name]
+        chain_separable = all(s.method.row_separable for s in self.steps)
+        n = math.prod(info.shape)
+        if not chain_separable or len(info.shape) < 2 or n <= self.opt.chunk_elements:
+            return [None]
+        per_row = n // info.shape[0]
+        step = max(1, self.opt.chunk_elements // per_row)
+        return [(i, min(i + step, info.shape[0])) for i in range(0, info.shape[0], step)]
+
+    # ---- the pass --------------------------------------------------------------------------------
+    def run(self, output_dir: Path, recipe: dict) -> dict:
+        t0 = time.time()
+        first = next(iter(self.ckpts.values()))
+        out_dtype = {
+            n: (DTYPES[self.opt.out_dtype] if self.opt.out_dtype else first.info[n].dtype) for n in self.names
+        }
+        plan = [(n, first.info[n].shape, out_dtype[n]) for n in self.names]
+        saved = [s for s in self.steps[:-1] if s.save]
+        total_bytes = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+        with atomic_dir(output_dir) as tmp:
+            writers = {self.steps[-1].name: ShardWriter(tmp, plan, self.opt.max_shard_bytes)}
+            for s in saved:
+                writers[s.name] = ShardWriter(tmp / "intermediate" / s.name, plan, self.opt.max_shard_bytes)
+            bar = tqdm(
+                total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not self.opt.progress
+            )
+            work = [(n, rows) for n in self.names for rows in self._blocks(n)]
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                nxt = pool.submit(self._fetch, *work[0])
+                for k, (name, rows) in enumerate(work):
+                    raw = nxt.result()
+                    if k + 1 < len(work):
+                        nxt = pool.submit(self._fetch, *work[k + 1])
+                    memo: dict[str, torch.Tensor] = {}
+                    self._eval(self.steps[-1], name, raw, memo, rows)
+                    for step_name, w in writers.items():
+                        out = memo[step_name].to(out_dtype[name]).cpu()
+                        w.write(name, out)
+                    bar.update(out.numel() * out.element_size())
+                    del raw, memo
+            bar.close()
+            for w in writers.values():
+                w.close()
+            src = self._copy_source()
+            for d in [tmp, *[tmp / "intermediate" / s.name for s in saved]]:
+                self._copy_files(src, d)
+            record = provenance(self.ckpts, recipe, hash_inputs=self.opt.hash_inputs)
+            record["seconds"] = round(time.time() - t0, 3)
+            record["output_bytes"] = total_bytes
+            (tmp / "merge_provenance.json").write_text(json.dumps(record, indent=2, default=str))
+        log.info(
+            "merged %d tensors (%.2f GB) into %s in %.1fs",
+            len(self.names),
+            total_bytes / 1e9,
+            output_dir,
+            time.time() - t0,
+        )
+        return record
+
+    def _copy_source(self) -> Checkpoint:
+        if self.opt.copy_files_from:
+            if self.opt.copy_files_from not in self.ckpts:
+                raise CheckpointError(
+                    f"copy_files_from='{self.opt.copy_files_from}' is not one of the models "
+                    f"{sorted(self.ckpts)}"
+                )
+            return self.ckpts[self.opt.copy_files_from]
+        last = self.steps[-1]
+        ref = last.base or last.inputs[0].ref
+        while ref in self.by_name:
+            s = self.by_name[ref]
+            ref = s.base or s.inputs[0].ref
+        return self.ckpts[ref]
+
+    @staticmethod
+    def _copy_files(src: Checkpoint, dst: Path) -> None:
+        for f in src.path.iterdir():
+            if f.is_file() and f.suffix not in SKIP_COPY and f.name not in SKIP_NAMES:
+                shutil.copy2(f, dst / f.name)
+
+
+def merge(
+    models: dict[str, Path],
+    steps: list[Step],
+    output_dir: str | Path,
+    options: MergeOptions | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> dict:
+    """Validate, then stream the merge into `output_dir` (atomic). Returns the provenance record."""
+    return Merger(models, steps, options or MergeOptions()).run(Path(output_dir), recipe or {})

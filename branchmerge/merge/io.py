@@ -1,0 +1,229 @@
+"""Streaming safetensors I/O: read one tensor at a time (memory-mapped), write shards tensor by tensor.
+
+    ckpt = Checkpoint("outputs/train/toy_math_branch/export")   # single file or sharded + index
+    ckpt.names, ckpt.shape(name), ckpt.dtype(name)               # from the headers only
+    t = ckpt.tensor(name)                                        # read just this tensor
+
+    with ShardWriter(out_dir, plan) as w:                         # plan: [(name, shape, dtype)] in order
+        w.write(name, tensor_or_row_chunk)                       # bytes go straight to disk
+
+The writer lays out every shard's header up front (shapes and dtypes are known before any data is
+computed), so it holds no tensor in memory: peak memory is set by the merge method's working set.
+A corrupt header, a missing shard or a tensor named in the index but absent is a clear error naming
+the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be merged; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # byte offset of the data in the file (for reading in file order)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_header(path: Path) -> dict:
+    """Parse a safetensors header without reading tensor data; CheckpointError if it is corrupt."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: file too short to be safetensors ({size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} header bytes)")
+            header = json.loads(f.read(n))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e.msg})") from e
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta.get("data_offsets", (0, -1))
+        if meta.get("dtype") not in DTYPES or end > data_len or start > end:
+            raise CheckpointError(f"{path}: corrupt entry for tensor '{name}' in the safetensors header")
+    return {"tensors": {k: v for k, v in header.items() if k != "__metadata__"}, "data_start": 8 + n}
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint folder read lazily, tensor by tensor."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.path} does not exist")
+        self.info: dict[str, TensorInfo] = {}
+        index = self.path / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.path} holds no *.safetensors weights")
+            weight_map = None
+        for fname in files:
+            fpath = self.path / fname
+            if not fpath.exists():
+                raise CheckpointError(f"{fpath} is missing (listed in {index.name})")
+            head = read_header(fpath)
+            for name, meta in head["tensors"].items():
+                self.info[name] = TensorInfo(
+                    fpath,
+                    DTYPES[meta["dtype"]],
+                    tuple(meta["shape"]),
+                    head["data_start"] + meta["data_offsets"][0],
+                )
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in self.info]
+            if missing:
+                raise CheckpointError(
+                    f"{index}: tensor '{missing[0]}' is listed in the index but absent from "
+                    f"{weight_map[missing[0]]}"
+                )
+        config = self.path / "config.json"
+        self.config = json.loads(config.read_text()) if config.exists() else {}
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in file order (sequential reads)."""
+        return sorted(self.info, key=lambda n: (str(self.info[n].file), self.info[n].offset))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor through a memory map that is released right after (so pages of tensors we
+        are done with never accumulate in our resident memory)."""
+        info = self.info[name]
+        with safe_open(str(info.file), "pt") as f:
+            return f.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (first dimension), without reading the rest."""
+        info = self.info[name]
+        with safe_open(str(info.file), "pt") as f:
+            return f.get_slice(name)[start:stop]
+
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.info.values()})
+
+
+class ShardWriter:
+    """Write planned tensors into shards of at most `max_shard_bytes`, streaming their bytes."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int = 5 * 1024**3,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for item in plan:
+            nbytes = math.prod(item[1]) * item[2].itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(item)
+            size += nbytes
+        self.files = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        )
+        self.shards = shards
+        self.order = [(fi, name) for fi, shard in enumerate(shards) for name, _, _ in shard]
+        self.expected = {name: (shape, dtype) for name, shape, dtype in plan}
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.pos = 0  # index into self.order of the tensor being written
+        self.written = 0  # bytes of the current tensor written so far
+        self.fh = None
+        self.current_file = -1
+
+    def _open(self, fi: int) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        off = 0
+        for name, shape, dtype in self.shards[fi]:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.fh = (self.out / self.files[fi]).open("wb")
+        self.fh.write(struct.pack("<Q", len(raw)) + raw)
+        self.current_file = fi
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """Append `data` (the whole tensor, or its next rows) for the tensor expected next."""
+        fi, expected = self.order[self.pos]
+        if name != expected:
+            raise RuntimeError(f"writer expected tensor '{expected}' next, got '{name}'")
+        shape, dtype = self.expected[name]
+        if data.dtype != dtype:
+            raise RuntimeError(f"'{name}': got dtype {data.dtype}, planned {dtype}")
+        if fi != self.current_file:
+            self._open(fi)
+        buf = data.detach().contiguous().cpu()
+        raw = buf.view(torch.uint8) if buf.dtype != torch.bool else buf.to(torch.uint8)
+        self.fh.write(raw.reshape(-1).numpy())
+        self.written += raw.numel()
+        total = math.prod(shape) * dtype.itemsize
+        if self.written > total:
+            raise RuntimeError(f"'{name}': wrote {self.written} bytes, planned {total}")
+        if self.written == total:
+            self.pos += 1
+            self.written = 0
+
+    def close(self) -> list[str]:
+        if self.pos != len(self.order):
+            raise RuntimeError(f"writer closed after {self.pos} of {len(self.order)} tensors")
+        if self.fh is not None:
+            self.fh.close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[fi] for fi, name in self.order}
+            total = sum(math.prod(s) * d.itemsize for s, d in self.expected.values())
+            (self.out / INDEX).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                    indent=2,
+                )
+            )
+        return self.files

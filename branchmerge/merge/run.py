@@ -1,0 +1,65 @@
+"""`python merge.py ...`: a config (recipe, single-step overrides, or a mergekit YAML) -> a merge."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from branchmerge.config import validate
+from branchmerge.config.schema import MergeConfig
+from branchmerge.merge.engine import MergeOptions, merge
+from branchmerge.merge.mergekit import from_mergekit
+from branchmerge.merge.recipe import model_paths, parse_steps
+
+log = logging.getLogger(__name__)
+
+
+def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOptions, dict]:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    opts = dict(c["options"])
+    if c.get("from_mergekit"):
+        mk = from_mergekit(c["from_mergekit"])
+        models = {k: Path(v) for k, v in mk["models"].items()}
+        raw_steps = mk["steps"]
+        opts["out_dtype"] = opts["out_dtype"] or mk["out_dtype"]
+        opts["copy_files_from"] = opts["copy_files_from"] or mk["copy_files_from"]
+    elif c["steps"]:
+        models, raw_steps = model_paths(c["models"], []), c["steps"]
+    else:
+        if not c["method"]:
+            raise ValueError(
+                "nothing to merge: give `steps` (a recipe, e.g. +experiment=toy_merge_tinyr1), "
+                "`method=... inputs=[...]` for one step, or `from_mergekit=config.yml`"
+            )
+        refs = [i if isinstance(i, str) else i["model"] for i in c["inputs"]] + (
+            [c["base"]] if c["base"] else []
+        )
+        models = model_paths(c["models"], refs)
+        raw_steps = [
+            {
+                "name": c["run_name"],
+                "method": c["method"],
+                "base": c["base"],
+                "inputs": c["inputs"],
+                "params": c["params"],
+            }
+        ]
+    steps = parse_steps(raw_steps, set(models))
+    recipe = {"models": {k: str(v) for k, v in models.items()}, "steps": raw_steps, "options": opts}
+    return models, steps, MergeOptions(**opts), recipe
+
+
+def run(cfg: DictConfig) -> dict:
+    cfg = validate(cfg, MergeConfig)
+    out = Path(cfg.output_dir)
+    models, steps, options, recipe = recipe_from_config(cfg)
+    if (out / "merge_provenance.json").exists() and not cfg.overwrite:
+        log.info("%s exists (set overwrite=true to merge again); reusing it", out)
+        import json
+
+        return json.loads((out / "merge_provenance.json").read_text())
+    record = merge(models, steps, out, options, recipe)
+    log.info("merged model: %s (%.1fs)", out, record["seconds"])
+    return record

@@ -1,0 +1,202 @@
+"""Merge methods on 2x3 tensors against values worked out by hand, plus properties."""
+
+import math
+
+import pytest
+import torch
+
+from branchmerge.merge.methods import METHODS, get_method
+from branchmerge.merge.methods.arcee_fusion import SAMPLE
+
+A = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+B = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
+ONES = torch.ones(2, 3)
+
+
+def call(name, tensors, base=None, **params):
+    return get_method(name)(tensors, base, **params)
+
+
+def test_linear_by_hand():
+    out = call("linear", [A, B], weight=[1.0, 3.0], normalize=True)
+    assert torch.allclose(out, torch.tensor([[2.5, 2.0, 1.5], [1.0, 2.0, 3.0]]))
+    assert torch.allclose(call("linear", [A, B], weight=[1.0, 3.0], normalize=False), A + 3 * B)
+
+
+def test_task_arithmetic_by_hand():
+    out = call("task_arithmetic", [A, B], ONES, weight=[1.0, 0.5], lambda_=1.0)
+    assert torch.allclose(out, torch.tensor([[2.0, 2.5, 3.0], [3.5, 5.0, 6.5]]))
+
+
+def test_ties_by_hand():
+    d1 = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
+    d2 = torch.tensor([[2.0, -1.0, 3.0], [1.0, -4.0, 0.5]])
+    zero = torch.zeros(2, 3)
+    out = call("ties", [d1, d2], zero, weight=[1.0, 1.0], density=[0.5, 0.5])
+    # trim: d1 -> [[0,0,0],[-4,5,-6]], d2 -> [[2,0,3],[0,-4,0]]; signs [[+,0,+],[-,+,-]]; -4 of d2 disagrees
+    assert torch.equal(out, torch.tensor([[2.0, 0.0, 3.0], [-4.0, 5.0, -6.0]]))
+
+
+def test_slerp_by_hand():
+    a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    h = math.sqrt(0.5)
+    assert torch.allclose(
+        call("slerp", [a, b], t=0.5), torch.tensor([[h, h, 0.0], [0.0, 0.0, 0.0]]), atol=1e-6
+    )
+    assert torch.allclose(call("slerp", [a, b], t=0.0), a) and torch.allclose(call("slerp", [a, b], t=1.0), b)
+
+
+def test_arcee_fusion_by_hand():
+    # row 1: P = softmax(1,2,3), Q uniform -> κ = 0.26621; row 2 is uniform -> κ = 0
+    # S = [[0.266, 0.532, 0.799], [0, 0, 0]]; sorted: Q1 = 0, median = 0, Q3 = 0.266 -> τ = 0.399
+    r = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    out = call("arcee_fusion", [r], torch.zeros(2, 3))
+    assert torch.equal(out, torch.tensor([[0.0, 2.0, 3.0], [0.0, 0.0, 0.0]]))
+    # a larger multiplier keeps fewer coordinates
+    assert torch.equal(
+        call("arcee_fusion", [r], torch.zeros(2, 3), k=2.5), torch.tensor([[0.0, 0.0, 3.0], [0.0] * 3])
+    )
+
+
+def test_fisher_by_hand():
+    fa = torch.tensor([[1.0, 0.0, 1.0], [3.0, 1.0, 0.0]])
+    fb = torch.tensor([[1.0, 1.0, 0.0], [1.0, 3.0, 0.0]])
+    out = call("fisher", [A, B], weight=[1.0, 1.0], importance=[fa, fb])
+    assert torch.allclose(
+        out, torch.tensor([[2.0, 2.0, 3.0], [3.0, 2.0, 4.0]])
+    )  # last: no mass -> plain mean
+
+
+def paper_arcee(base: torch.Tensor, other: torch.Tensor, seed_draws=None, k: float = 1.5) -> torch.Tensor:
+    """PAPER.md's Arcee Fusion written out directly (the reference the engine's version must match)."""
+    delta = other - base
+    r2 = other.reshape(1, -1) if other.dim() == 1 else other
+    b2 = base.reshape(1, -1) if base.dim() == 1 else base
+    p = torch.softmax(r2, -1) + 1e-8
+    q = torch.softmax(b2, -1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(-1)
+    s = (delta.reshape(r2.shape).abs() * kl[:, None]).reshape(-1)
+
+    def quant(x, qs):
+        xs = torch.sort(x).values
+        return [xs[math.floor(q_ * (xs.numel() - 1))] for q_ in qs]
+
+    if s.numel() > SAMPLE:
+        draw1, draw2 = seed_draws
+        (med,) = quant(s[draw1], [0.5])
+        q1, q3 = quant(s[draw2], [0.25, 0.75])
+    else:
+        q1, med, q3 = quant(s, [0.25, 0.5, 0.75])
+    tau = med + k * (q3 - q1)
+    return base + (s.reshape(delta.shape) >= tau) * delta
+
+
+@pytest.mark.parametrize("shape", [(7, 11), (300,), (1500, 800)])  # below and above 10^6 elements
+def test_arcee_fusion_matches_the_paper_equations(shape):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=g)
+    other = base + 0.05 * torch.randn(shape, generator=g)
+    ours = call("arcee_fusion", [other], base, seed=0, tensor_name="w")
+    draws = None
+    if base.numel() > SAMPLE:
+        from branchmerge.merge.methods.sparse import tensor_seed
+
+        gen = torch.Generator().manual_seed(tensor_seed(0, "w", 0))
+        draws = (
+            torch.randint(base.numel(), (SAMPLE,), generator=gen),
+            torch.randint(base.numel(), (SAMPLE,), generator=gen),
+        )
+    ref = paper_arcee(base, other, draws)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.equal(
+        ours, call("arcee_fusion", [other], base, seed=0, tensor_name="w")
+    )  # same seed, same output
+    frac = ((ours - base).abs() > 0).float().mean().item()
+    assert 0.0 < frac < 0.5  # an outlier threshold keeps a minority of coordinates
+
+
+def test_arcee_subsample_depends_on_seed():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1200, 900, generator=g)
+    other = base + 0.05 * torch.randn(1200, 900, generator=g)
+    a = call("arcee_fusion", [other], base, seed=0, tensor_name="w")
+    b = call("arcee_fusion", [other], base, seed=1, tensor_name="w")
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_merging_identical_models_returns_the_model(name):
+    m = get_method(name)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    n = max(m.min_models, 2) if m.max_models is None or m.max_models >= 2 else 1
+    params = {p: [v] * n for p, v in m.model_params.items()}
+    params.update(m.global_params)
+    if m.takes_name:
+        params["tensor_name"] = "w"
+    if m.needs_importance:
+        params["importance"] = [torch.rand(4, 5) for _ in range(n)]
+    if name in ("ties", "dare_ties", "dare_linear"):
+        params["density"] = [0.5] * n
+    out = m([x.clone() for _ in range(n)], x.clone() if m.needs_base else None, **params)
+    assert torch.allclose(out, x, atol=1e-6), name
+
+
+def test_ties_at_density_one_with_one_model_is_task_arithmetic():
+    g = torch.Generator().manual_seed(4)
+    base, t = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    ties = call("ties", [t], base, weight=[0.7], density=[1.0], normalize=False, lambda_=1.0, tensor_name="w")
+    ta = call("task_arithmetic", [t], base, weight=[0.7], lambda_=1.0)
+    assert torch.allclose(ties, ta)
+
+
+def test_dare_keeps_density_and_rescales():
+    g = torch.Generator().manual_seed(5)
+    base, t = torch.zeros(400, 500), torch.randn(400, 500, generator=g)
+    out = call("dare_linear", [t], base, weight=[1.0], density=[0.3], tensor_name="w", seed=7)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
+    assert torch.allclose(out[kept], t[kept] / 0.3)
+    assert torch.equal(
+        out, call("dare_linear", [t], base, weight=[1.0], density=[0.3], tensor_name="w", seed=7)
+    )
+    assert not torch.equal(
+        out, call("dare_linear", [t], base, weight=[1.0], density=[0.3], tensor_name="w", seed=8)
+    )
+    # unbiased: the mean over many seeds approaches task arithmetic
+    mean = (
+        sum(
+            call("dare_linear", [t[:20]], base[:20], weight=[1.0], density=[0.5], tensor_name="w", seed=s)
+            for s in range(400)
+        )
+        / 400
+    )
+    assert (mean - t[:20]).abs().mean() < 0.05
+
+
+def test_dare_with_density_one_is_task_arithmetic():
+    g = torch.Generator().manual_seed(6)
+    base, t1, t2 = (torch.randn(3, 4, generator=g) for _ in range(3))
+    dare = call("dare_linear", [t1, t2], base, weight=[0.5, 0.5], density=[1.0, 1.0], tensor_name="w")
+    ta = call("task_arithmetic", [t1, t2], base, weight=[0.5, 0.5])
+    assert torch.allclose(dare, ta, atol=1e-6)
+
+
+def test_importance_fusion_generalises_arcee_fusion():
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(30, 40, generator=g)
+    e1, e2 = (base + 0.1 * torch.randn(30, 40, generator=g) for _ in range(2))
+    one = call("importance_fusion", [e1], base, weight=[1.0], tensor_name="w")
+    assert torch.equal(one, call("arcee_fusion", [e1], base, tensor_name="w"))
+    both = call("importance_fusion", [e1, e2], base, weight=[1.0, 1.0], tensor_name="w")
+    a1 = call("arcee_fusion", [e1], base, tensor_name="w") - base
+    a2 = call("arcee_fusion", [e2], base, tensor_name="w") - base
+    claims = (a1 != 0).float() + (a2 != 0).float()
+    assert torch.allclose(both, base + (a1 + a2) / claims.clamp_min(1), atol=1e-6)
+    half = call("importance_fusion", [e1], base, weight=[0.5], tensor_name="w")
+    assert torch.allclose(half - base, 0.5 * (one - base), atol=1e-6)
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(KeyError, match="unknown merge method 'tie'; known methods"):
+        get_method("tie")
