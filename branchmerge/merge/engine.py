@@ -68,7 +68,7 @@ def validate_inputs(ckpts: dict[str, Checkpoint]) -> list[str]:
     """Same architecture, tensor names, shapes, vocabulary and embedding tying; returns the names."""
     problems: list[str] = []
     ref_name, ref = next(iter(ckpts.items()))
-    for name, ck in ckpts.items():
+    for _name, ck in ckpts.items():
         for key in ARCH_KEYS:
             a, b = ref.config.get(key), ck.config.get(key)
             if key == "tie_word_embeddings":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import os
@@ -32,10 +33,8 @@ def file_hash(path: Path) -> str:
 def versions() -> dict[str, str]:
     out = {}
     for pkg in ("branchmerge", "torch", "safetensors", "transformers"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
