@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo lint format clean bench-train
+.PHONY: setup test test-fast demo lint format clean bench-train bench-merge
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ demo: setup
 bench-train: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) experiments/perf/train_throughput.py
+
+bench-merge: setup
+	$(PY) experiments/perf/merge_bench.py
 
 lint: setup
 	$(PY) -m ruff check .

@@ -71,6 +71,8 @@ def compose(
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    import branchmerge.config.resolvers  # noqa: F401
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = hydra_compose(

@@ -173,3 +173,38 @@ class MergeConfig:
     inputs: list[Any] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     from_mergekit: str | None = None
+
+
+@dataclass
+class EvalTaskConfig:
+    name: Literal["toy_math", "toy_code", "toy_science", "aime24", "gpqa_diamond", "livecodebench"]
+    n: int = 1  # samples per question (pass@1 is averaged over them)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_gen_toks: int = 32768
+    limit: int | None = None  # first N questions only
+
+
+@dataclass
+class EvalSuiteConfig:
+    name: str
+    tasks: list[EvalTaskConfig]
+
+
+@dataclass
+class EvalConfig:
+    task_name: str
+    run_name: str
+    paths: PathsConfig
+    eval: EvalSuiteConfig
+    model_path: str
+    backend: Literal["hf", "vllm"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    batch_size: int = 64
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    seed: int = 1234
+    data_dir: str = "data/eval"
+    toy_dir: str = "outputs/toy_world"

@@ -1,0 +1,172 @@
+"""Evaluation sets from local files, as documents for the lm-eval tasks.
+
+| task | file (under eval.data_dir) | source (for users with internet) |
+|---|---|---|
+| aime24 | aime_2024.jsonl | HuggingFaceH4/aime_2024 (train split, 30 rows: problem, answer, ...) |
+| gpqa_diamond | gpqa_diamond.csv | Idavidrein/gpqa (gated; gpqa_diamond.csv, 198 rows) |
+| livecodebench | livecodebench.jsonl | livecodebench/code_generation_lite (the release's test*.jsonl) |
+| toy_* | <toy_dir>/data/<domain>/test.jsonl | `python distill.py +experiment=toy_data` |
+
+Every loader returns {"test": datasets.Dataset} and fails with the expected path and its source when
+the file is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import pickle
+import random
+import zlib
+from datetime import date
+from pathlib import Path
+
+import datasets
+
+from branchmerge.data.records import read_records
+
+SOURCES = {
+    "aime24": (
+        "aime_2024.jsonl",
+        "huggingface-cli download HuggingFaceH4/aime_2024 --repo-type dataset, "
+        "then save its train split as JSONL",
+    ),
+    "gpqa_diamond": (
+        "gpqa_diamond.csv",
+        "the gpqa_diamond.csv file of Idavidrein/gpqa (accept its terms on the hub)",
+    ),
+    "livecodebench": (
+        "livecodebench.jsonl",
+        "the test*.jsonl files of livecodebench/code_generation_lite, concatenated",
+    ),
+}
+MATH_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+GPQA_PROMPT = (
+    "Answer the following multiple choice question. Think step by step, then put the letter of "
+    "your final answer within \\boxed{}."
+)
+LCB_PROMPT = (
+    "You will be given a question (problem specification) and will generate a correct Python program "
+    "that matches the specification and passes all tests."
+)
+
+
+def _path(task: str, data_dir: str | None) -> Path:
+    fname, source = SOURCES[task]
+    path = Path(data_dir or "data/eval") / fname
+    if not path.exists():
+        raise FileNotFoundError(
+            f"evaluation set for {task} not found at {path}: get it from {source} (or set eval.data_dir)"
+        )
+    return path
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if path.suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_aime24(data_dir: str | None = None, **_) -> dict:
+    rows = _read_rows(_path("aime24", data_dir))
+    docs = [
+        {"id": str(r.get("id", i)), "prompt": f"{r['problem']}\n{MATH_PROMPT}", "answer": str(r["answer"])}
+        for i, r in enumerate(rows)
+    ]
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def load_gpqa_diamond(data_dir: str | None = None, n_samples: int = 4, seed: int = 0, **_) -> dict:
+    """One document per (question, sample): sample k shows the options in the order of seed (seed, q, k)."""
+    rows = _read_rows(_path("gpqa_diamond", data_dir))
+    docs = []
+    for q, r in enumerate(rows):
+        options = [
+            r["Correct Answer"],
+            r["Incorrect Answer 1"],
+            r["Incorrect Answer 2"],
+            r["Incorrect Answer 3"],
+        ]
+        for k in range(n_samples):
+            shuffle_seed = seed * 1_000_003 + q * 101 + k
+            order = list(range(4))
+            random.Random(shuffle_seed).shuffle(order)
+            letter = "ABCD"[order.index(0)]
+            body = "\n".join(f"{'ABCD'[j]}) {options[o].strip()}" for j, o in enumerate(order))
+            docs.append(
+                {
+                    "id": str(r.get("Record ID", q)),
+                    "sample": k,
+                    "shuffle_seed": shuffle_seed,
+                    "prompt": f"{GPQA_PROMPT}\n\n{r['Question'].strip()}\n\n{body}",
+                    "answer": letter,
+                }
+            )
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def _private_tests(raw: str) -> list[dict]:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        return json.loads(pickle.loads(zlib.decompress(base64.b64decode(raw.encode("utf-8")))))
+
+
+def load_livecodebench(
+    data_dir: str | None = None, start: str = "2024-08-01", end: str = "2025-02-01", **_
+) -> dict:
+    """code_generation_lite problems with start <= contest_date < end (the paper's window)."""
+    lo, hi = date.fromisoformat(start), date.fromisoformat(end)
+    docs = []
+    for r in _read_rows(_path("livecodebench", data_dir)):
+        d = date.fromisoformat(str(r["contest_date"])[:10])
+        if not lo <= d < hi:
+            continue
+        meta = json.loads(r.get("metadata") or "{}")
+        tests = json.loads(r["public_test_cases"]) + _private_tests(r["private_test_cases"])
+        starter = r.get("starter_code") or ""
+        fmt = (
+            f"You will use the following starter code to write the solution to the problem and enclose your "
+            f"code within delimiters.\n```python\n{starter}\n```"
+            if starter
+            else "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly "
+            "test on the sample inputs). Enclose your code within delimiters as follows.\n```python\n"
+            "# YOUR CODE HERE\n```"
+        )
+        docs.append(
+            {
+                "id": r["question_id"],
+                "prompt": f"{LCB_PROMPT}\n\nQuestion: {r['question_content']}\n\n{fmt}",
+                "tests": json.dumps(tests),
+                "func_name": meta.get("func_name") or "",
+                "contest_date": str(r["contest_date"])[:10],
+            }
+        )
+    if not docs:
+        raise ValueError(
+            f"no LiveCodeBench problem dated {start} <= d < {end} in {_path('livecodebench', data_dir)}"
+        )
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def load_toy(domain: str, toy_dir: str | None = None, limit: int | None = None, **_) -> dict:
+    path = Path(toy_dir or "outputs/toy_world") / "data" / domain / "test.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"toy test set {path} not found: run `python distill.py +experiment=toy_data`"
+        )
+    docs = [
+        {
+            "id": r.id,
+            "prompt": r.prompt,
+            "answer": r.reference,
+            "domain": r.domain,
+            "meta": json.dumps(r.metadata),
+        }
+        for r in read_records(path)
+    ][:limit]
+    return {"test": datasets.Dataset.from_list(docs)}

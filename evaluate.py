@@ -1,0 +1,23 @@
+"""Evaluate a checkpoint the way the paper did, through lm-evaluation-harness with our task YAMLs.
+
+python evaluate.py model_path=outputs/train/toy_math_branch/export eval=toy        # CPU, HF backend
+python evaluate.py model_path=<32B folder> eval=paper backend=vllm tensor_parallel_size=8
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import branchmerge.config.resolvers  # noqa: F401  (${bm_model_tag:...} in conf/eval.yaml)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    from branchmerge.eval.harness import evaluate
+
+    results = evaluate(cfg)
+    scores = [t["pass@1"] for t in results["tasks"].values()]
+    return sum(scores) / len(scores)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Merge speed and memory: our engine vs mergekit vs the I/O floor, side by side in one run.
+
+    make bench-merge      # builds the synthetic models and mergekit's venv on first use
+
+Inputs: synthetic Qwen2 checkpoints of the Qwen2.5-0.5B shape (494 M parameters, bf16, tied
+embeddings, 2 shards): a base and three variants (base + Gaussian deltas at 5% of each tensor's RMS).
+For linear, TIES (density 0.5), DARE-TIES (density 0.5) and Arcee Fusion: wall time and peak RSS of
+each tool in its own process (warm page cache: one untimed read first), and the I/O floor (read every
+input tensor by tensor, write one output of the same size). mergekit runs from its own virtualenv
+(outputs/perf/venv-mergekit) with its CLI `mergekit-yaml`. Prints ratios; writes
+experiments/perf/results/merge_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "experiments" / "perf" / "results"
+QWEN05 = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+
+
+def build_models(root: Path, seed: int = 0) -> dict[str, Path]:
+    """base + 3 variants, written once (skipped when present)."""
+    from safetensors.torch import save_file
+
+    names = ["base", "v1", "v2", "v3"]
+    if all((root / n / "config.json").exists() for n in names):
+        return {n: root / n for n in names}
+    from transformers import AutoTokenizer, Qwen2Config  # noqa: F401  (config only; no weights loaded)
+
+    cfg = Qwen2Config(**QWEN05, torch_dtype="bfloat16")
+    h, i, kv = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_key_value_heads * (h // cfg.num_attention_heads),
+    )
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.q_proj.bias": (h,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+    g = torch.Generator().manual_seed(seed)
+    base = {k: (0.02 * torch.randn(s, generator=g)).to(torch.bfloat16) for k, s in shapes.items()}
+    names_sorted = list(shapes)
+    half = len(names_sorted) // 2
+    for n, model_seed in zip(names, range(len(names))):
+        d = root / n
+        d.mkdir(parents=True, exist_ok=True)
+        if n == "base":
+            sd = base
+        else:
+            gv = torch.Generator().manual_seed(1000 + model_seed)
+            sd = {}
+            for k, v in base.items():
+                vf = v.float()
+                rms = vf.pow(2).mean().sqrt()
+                sd[k] = (vf + 0.05 * rms * torch.randn(v.shape, generator=gv)).to(torch.bfloat16)
+        files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        parts = [names_sorted[:half], names_sorted[half:]]
+        wm = {}
+        for f, keys in zip(files, parts):
+            save_file({k: sd[k] for k in keys}, d / f, metadata={"format": "pt"})
+            wm.update({k: f for k in keys})
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+        cfg.save_pretrained(d)
+    return {n: root / n for n in names}
+
+
+def mergekit_python(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if not (venv / "bin" / "mergekit-yaml").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "mergekit"], check=True)
+    return py
+
+
+def timed(cmd: list[str], env=None) -> dict:
+    """Wall time and peak RSS of a command (via /usr/bin/time-like wait4 accounting)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode()[-2000:]
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err}")
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+
+
+IO_FLOOR = r"""
+import sys, json
+from pathlib import Path
+from safetensors import safe_open
+from branchmerge.merge.io import Checkpoint, ShardWriter
+models = [Checkpoint(p) for p in json.loads(sys.argv[1])]
+out = Path(sys.argv[2])
+first = models[0]
+plan = [(n, first.info[n].shape, first.info[n].dtype) for n in first.names]
+w = ShardWriter(out, plan)
+for n in first.names:
+    ts = [m.tensor(n) for m in models]
+    w.write(n, ts[0])
+w.close()
+"""
+
+OURS = r"""
+import sys, json
+from pathlib import Path
+from branchmerge.merge.engine import MergeOptions, merge
+from branchmerge.merge.recipe import parse_steps
+a = json.loads(sys.argv[1])
+models = {k: Path(v) for k, v in a["models"].items()}
+merge(models, parse_steps([a["step"]], set(models)), Path(a["out"]), MergeOptions(progress=False, hash_inputs=False))
+"""
+
+METHODS = {
+    "linear": (
+        {"method": "linear", "inputs": ["v1", "v2", "v3"], "params": {"normalize": True}},
+        "merge_method: linear\nparameters: {normalize: true}\nmodels:\n"
+        + "".join(f"  - model: {{{v}}}\n    parameters: {{weight: 1.0}}\n" for v in ("v1", "v2", "v3")),
+    ),
+    "ties": (
+        {"method": "ties", "base": "base", "inputs": ["v1", "v2", "v3"], "params": {"density": 0.5}},
+        "merge_method: ties\nbase_model: {base}\nparameters: {normalize: true}\nmodels:\n"
+        + "".join(
+            f"  - model: {{{v}}}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for v in ("v1", "v2", "v3")
+        ),
+    ),
+    "dare_ties": (
+        {"method": "dare_ties", "base": "base", "inputs": ["v1", "v2", "v3"], "params": {"density": 0.5}},
+        "merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+        + "".join(
+            f"  - model: {{{v}}}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for v in ("v1", "v2", "v3")
+        ),
+    ),
+    "arcee_fusion": (
+        {"method": "arcee_fusion", "base": "base", "inputs": ["v1"]},
+        "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {v1}\n",
+    ),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", type=Path, default=ROOT / "outputs" / "perf" / "merge")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--skip-mergekit", action="store_true")
+    args = ap.parse_args()
+    models = build_models(args.root / "models")
+    paths = {k: str(v) for k, v in models.items()}
+    py = None if args.skip_mergekit else mergekit_python(ROOT / "outputs" / "perf" / "venv-mergekit")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    results: dict[str, dict] = {}
+    for method in args.methods.split(","):
+        step, mk_yaml = METHODS[method]
+        inputs = ([step["base"]] if "base" in step else []) + step["inputs"]
+        out = args.root / "out"
+        runs = {"ours": [], "mergekit": [], "io_floor": []}
+        for _ in range(args.repeats):
+            for tool in runs:
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                if tool == "ours":
+                    a = {"models": paths, "step": {"name": "m", **step}, "out": str(out)}
+                    cmd = [sys.executable, "-c", OURS, json.dumps(a)]
+                elif tool == "io_floor":
+                    cmd = [sys.executable, "-c", IO_FLOOR, json.dumps([paths[i] for i in inputs]), str(out)]
+                else:
+                    if py is None:
+                        continue
+                    cfg = args.root / f"{method}.yml"
+                    cfg.write_text(mk_yaml.format(**paths) + "dtype: bfloat16\nout_dtype: bfloat16\n")
+                    cmd = [str(py.parent / "mergekit-yaml"), str(cfg), str(out), "--lazy-unpickle"]
+                runs[tool].append(timed(cmd, env))
+        row = {}
+        for tool, rs in runs.items():
+            if rs:
+                row[tool] = {
+                    "wall_s": statistics.median(r["wall_s"] for r in rs),
+                    "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
+                }
+        results[method] = row
+        o, f = row["ours"], row["io_floor"]
+        line = f"{method:<14} ours {o['wall_s']:6.1f}s {o['peak_rss_gb']:.2f}GB | floor {f['wall_s']:6.1f}s "
+        line += f"(ours/floor {o['wall_s'] / f['wall_s']:.2f}x)"
+        if "mergekit" in row:
+            m = row["mergekit"]
+            line += (
+                f" | mergekit {m['wall_s']:6.1f}s {m['peak_rss_gb']:.2f}GB "
+                f"(mergekit/ours {m['wall_s'] / o['wall_s']:.1f}x, RSS ours/mergekit "
+                f"{o['peak_rss_gb'] / m['peak_rss_gb']:.2f})"
+            )
+        print(line, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "merge_bench.json").write_text(
+        json.dumps(
+            {
+                "results": results,
+                "repeats": args.repeats,
+                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
