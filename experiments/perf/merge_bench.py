@@ -45,14 +45,11 @@ def build_models(root: Path, seed: int = 0) -> dict[str, Path]:
     names = ["base", "v1", "v2", "v3"]
     if all((root / n / "config.json").exists() for n in names):
         return {n: root / n for n in names}
-    from transformers import AutoTokenizer, Qwen2Config  # noqa: F401  (config only; no weights loaded)
+    from transformers import Qwen2Config  # the config only; no weights are loaded
 
     cfg = Qwen2Config(**QWEN05, torch_dtype="bfloat16")
-    h, i, kv = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_key_value_heads * (h // cfg.num_attention_heads),
-    )
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."

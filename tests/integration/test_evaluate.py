@@ -53,7 +53,7 @@ def test_paper_tasks_run_end_to_end_on_fixtures(tmp_path, pico_dir):
         4,
     )  # the 2023 one is out
     assert (t["gpqa_diamond"]["questions"], t["gpqa_diamond"]["generations"]) == (3, 6)
-    for name, task in t.items():
+    for task in t.values():
         assert (
             task["dataset_hash"]
             and task["n"] == 2
