@@ -1,33 +1,125 @@
 """`make demo`: the toy Branch-Merge pipeline end to end on CPU, through the real entry points.
 
-Each stage runs as its own process with the same command a user would type, and a finished stage is
-reused when the demo runs again (every stage skips work whose outputs are complete).
+    toy data -> (shipped toy base) -> 3 branches + the mixture baseline -> the TinyR1 merge in both
+    orders and Figure 2's methods -> every model evaluated on all three toy domains -> the table
+
+Every stage is the command a user would type, run as its own process (two at a time, one thread
+each: on 2 cores that is faster than one job with two threads). A finished stage is reused when the
+demo runs again. Writes outputs/demo/{table.md,table.csv,table.png,timings.json}.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "outputs"
+BRANCHES = ["toy_math_branch", "toy_code_branch", "toy_science_branch"]
+TRAIN_JOBS = ["toy_mixture", *BRANCHES]  # the long mixture run first, so the pool stays busy
+MERGES = {  # row label -> merge experiment
+    "(math & science) & code = TinyR1 order": "toy_merge_tinyr1",
+    "(math & code) & science": "toy_merge_tinyr1_alt",
+    "math + science: model soup": "toy_merge_soup",
+    "math + science: DARE-linear": "toy_merge_dare_linear",
+    "math + science: DARE-TIES": "toy_merge_dare_ties",
+    "math + science: TIES": "toy_merge_ties",
+    "math + science: Arcee Fusion": "toy_merge_arcee",
+    "all three: importance fusion (ours)": "toy_merge_importance",
+}
+DOMAINS = ["toy_math", "toy_code", "toy_science"]
 
 
-def stage(title: str, *args: str) -> float:
-    print(f"\n=== {title}: python {' '.join(args)}", flush=True)
+def run(args: list[str], log_name: str) -> float:
+    """Run `python <args>` from the repo root with one CPU thread; its output goes to a log file."""
+    env = {
+        **os.environ,
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    log = OUT / "demo" / "logs" / f"{log_name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"demo stage failed: python {' '.join(args)}\n--- {log} ---\n{tail}")
     return time.time() - t0
 
 
+def parallel(jobs: dict[str, list[str]], workers: int = 2) -> dict[str, float]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(run, args, name) for name, args in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def main() -> None:
-    t0 = time.time()
-    took = stage("1/1 toy world (data + tokenizer)", "distill.py", "+experiment=toy_data")
-    print(f"\ntoy world ready in {took:.0f}s (total {time.time() - t0:.0f}s).")
-    print("The demo stops here: branch training, merging and evaluation are not in this version yet.")
+    t_all = time.time()
+    timings: dict[str, float] = {}
+    say("=== 1/4 toy world: python distill.py +experiment=toy_data")
+    timings["toy_data"] = run(["distill.py", "+experiment=toy_data"], "toy_data")
+
+    say("=== 2/4 branches and the mixture: python train.py +experiment=<name>  (2 at a time, 1 thread each)")
+    todo = {
+        j: ["train.py", f"+experiment={j}", "trainer.threads=1", "trainer.progress_bar=false"]
+        for j in TRAIN_JOBS
+        if not (OUT / "train" / j / "export" / "branchmerge.json").exists()
+    }
+    timings.update(parallel(todo))
+    train_cost = {
+        j: json.loads((OUT / "train" / j / "export" / "branchmerge.json").read_text())["train_seconds"]
+        for j in TRAIN_JOBS
+    }
+
+    say("=== 3/4 merges: python merge.py +experiment=<recipe>")
+    merge_cost = {}
+    for label, exp in MERGES.items():
+        timings[exp] = run(["merge.py", f"+experiment={exp}", "options.progress=false"], exp)
+        prov = json.loads((OUT / "merge" / exp / "model" / "merge_provenance.json").read_text())
+        merge_cost[label] = prov["seconds"]
+
+    say("=== 4/4 evaluation on all three toy domains: python evaluate.py model_path=<model> eval=toy")
+    models = {
+        "base (toy R1-Distill stand-in)": ROOT / "branchmerge" / "toy" / "assets" / "toy_base",
+        "math expert": OUT / "train" / "toy_math_branch" / "export",
+        "code expert": OUT / "train" / "toy_code_branch" / "export",
+        "science expert": OUT / "train" / "toy_science_branch" / "export",
+        "data mixture SFT": OUT / "train" / "toy_mixture" / "export",
+        **{label: OUT / "merge" / exp / "model" for label, exp in MERGES.items()},
+    }
+    jobs, result_files = {}, {}
+    for label, path in models.items():
+        tag = path.parent.name if path.name in ("export", "model") else path.name
+        result_files[label] = OUT / "eval" / f"{tag}_toy" / "results.json"
+        if not result_files[label].exists():
+            jobs[f"eval_{tag}"] = ["evaluate.py", f"model_path={path}", "eval=toy", "threads=1"]
+    timings.update(parallel(jobs))
+
+    from branchmerge.report.toy_table import write_toy_table
+
+    cost = {
+        "math expert": train_cost["toy_math_branch"],
+        "code expert": train_cost["toy_code_branch"],
+        "science expert": train_cost["toy_science_branch"],
+        "data mixture SFT": train_cost["toy_mixture"],
+        **merge_cost,
+    }
+    table = write_toy_table(result_files, cost, OUT / "demo")
+    (OUT / "demo" / "timings.json").write_text(json.dumps(timings, indent=2))
+    say("\n" + table)
+    say(f"demo finished in {time.time() - t_all:.0f}s; table, CSV and plot in {OUT / 'demo'}")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ class MergeOptionsConfig:
     copy_files_from: str | None = None
     max_shard_bytes: int = 5_000_000_000
     check_finite: bool = True
-    chunk_elements: int = 1 << 24
+    chunk_elements: int = 1 << 22
     hash_inputs: bool = True
     progress: bool = True
 
@@ -208,3 +208,4 @@ class EvalConfig:
     seed: int = 1234
     data_dir: str = "data/eval"
     toy_dir: str = "outputs/toy_world"
+    threads: int | None = None  # torch intra-op threads (None = torch's default)

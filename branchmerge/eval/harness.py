@@ -130,6 +130,10 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     t0 = time.time()
     lm = build_lm(cfg)
     tokenizer = lm.tokenizer

@@ -3,7 +3,7 @@
 For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
 tensor only: inputs are read (memory-mapped, one tensor at a time), checked finite, cast to the
 compute dtype on the compute device, merged, and the result's bytes are appended to the output
-shard. The next tensor's inputs are read on a background thread while the current one is merged.
+shard. Reading the next tensor, merging this one and writing the previous one overlap (threads).
 Chains of row-separable methods (linear, task arithmetic, Fisher) run in blocks of rows, so even
 the embedding never has to be held whole. Intermediate steps live only in memory unless `save`.
 The output folder is built beside the target and renamed at the end (`hf_io.atomic_dir`).
@@ -25,10 +25,9 @@ import torch
 from tqdm import tqdm
 
 from branchmerge.hf_io import atomic_dir
-from branchmerge.merge.io import Checkpoint, CheckpointError, ShardWriter
+from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWriter
 from branchmerge.merge.provenance import provenance
 from branchmerge.merge.recipe import Step, step_params
-from branchmerge.models import DTYPES
 
 log = logging.getLogger(__name__)
 SKIP_COPY = {".safetensors", ".bin", ".pt", ".pth"}
@@ -59,7 +58,7 @@ class MergeOptions:
     copy_files_from: str | None = None  # a model name; default: the final step's base or first input
     max_shard_bytes: int = 5 * 1024**3
     check_finite: bool = True
-    chunk_elements: int = 1 << 24  # row-separable chains run in blocks of about this many elements
+    chunk_elements: int = 1 << 22  # row-separable chains run in blocks of this many elements (16 MB fp32)
     hash_inputs: bool = True
     progress: bool = True
 
@@ -135,8 +134,24 @@ class _Importance:
             return f.get_tensor(key)
 
 
+def _reuse_freed_memory() -> None:
+    """Let glibc keep freed blocks of up to 32 MB for reuse instead of returning them to the OS: the
+    engine allocates same-sized buffers tensor after tensor, and a fresh mapping costs a page fault
+    per 4 KB on first touch (a 545 MB fp32 copy took 255 ms fresh vs 32 ms into reused memory)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: the largest glibc allows
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 class Merger:
     def __init__(self, models: dict[str, Path], steps: list[Step], options: MergeOptions) -> None:
+        _reuse_freed_memory()
         self.steps, self.opt = steps, options
         used = {i.ref for s in steps for i in s.inputs} | {s.base for s in steps if s.base}
         step_names = {s.name for s in steps}
@@ -148,7 +163,7 @@ class Merger:
         self.names = validate_inputs(self.ckpts)
         first = next(iter(self.ckpts.values()))
         self.n_layers = first.config.get("num_hidden_layers")
-        self.compute = DTYPES[options.compute_dtype]
+        self.compute = BY_NAME[options.compute_dtype]
         self.device = torch.device(options.device)
         self.importance: dict[str, _Importance] = {}
         for s in steps:
@@ -165,7 +180,10 @@ class Merger:
     def _read(self, model: str, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         ck = self.ckpts[model]
         t = ck.tensor(name) if rows is None else ck.rows(name, *rows)
-        if self.opt.check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+        # a sum is non-finite iff some entry is NaN/Inf (or the sum overflows: then look exactly); one
+        # vectorised pass, ~40x cheaper than isfinite().all() on CPU
+        check = self.opt.check_finite and t.is_floating_point()
+        if check and not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
             raise CheckpointError(f"{ck.info[name].file}: tensor '{name}' contains NaN or Inf")
         return t
 
@@ -216,7 +234,8 @@ class Merger:
         t0 = time.time()
         first = next(iter(self.ckpts.values()))
         out_dtype = {
-            n: (DTYPES[self.opt.out_dtype] if self.opt.out_dtype else first.info[n].dtype) for n in self.names
+            n: (BY_NAME[self.opt.out_dtype] if self.opt.out_dtype else first.info[n].dtype)
+            for n in self.names
         }
         plan = [(n, first.info[n].shape, out_dtype[n]) for n in self.names]
         saved = [s for s in self.steps[:-1] if s.save]
@@ -229,19 +248,23 @@ class Merger:
                 total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not self.opt.progress
             )
             work = [(n, rows) for n in self.names for rows in self._blocks(n)]
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                nxt = pool.submit(self._fetch, *work[0])
+            # three stages overlap: read tensor k+1 | merge tensor k | write tensor k-1
+            with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+                nxt = reader.submit(self._fetch, *work[0])
+                pending = None
                 for k, (name, rows) in enumerate(work):
                     raw = nxt.result()
                     if k + 1 < len(work):
-                        nxt = pool.submit(self._fetch, *work[k + 1])
+                        nxt = reader.submit(self._fetch, *work[k + 1])
                     memo: dict[str, torch.Tensor] = {}
                     self._eval(self.steps[-1], name, raw, memo, rows)
-                    for step_name, w in writers.items():
-                        out = memo[step_name].to(out_dtype[name]).cpu()
-                        w.write(name, out)
-                    bar.update(out.numel() * out.element_size())
+                    outs = {s: memo[s].to(out_dtype[name]).cpu() for s in writers}
                     del raw, memo
+                    if pending is not None:
+                        pending.result()  # at most one output waits for the disk
+                    pending = writer.submit(self._write, writers, name, outs, bar)
+                if pending is not None:
+                    pending.result()
             bar.close()
             for w in writers.values():
                 w.close()
@@ -260,6 +283,13 @@ class Merger:
             time.time() - t0,
         )
         return record
+
+    @staticmethod
+    def _write(writers: dict[str, ShardWriter], name: str, outs: dict[str, torch.Tensor], bar) -> None:
+        for step_name, w in writers.items():
+            w.write(name, outs[step_name])
+        out = next(iter(outs.values()))
+        bar.update(out.numel() * out.element_size())
 
     def _copy_source(self) -> Checkpoint:
         if self.opt.copy_files_from:

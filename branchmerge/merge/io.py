@@ -38,6 +38,12 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 CODES = {v: k for k, v in DTYPES.items()}
+BY_NAME = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 class CheckpointError(ValueError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import xxhash
 
-from branchmerge.train.export import git_revision
+from branchmerge.utils.git import git_revision
 
 _CACHE: dict[tuple[str, int, int], str] = {}
 

@@ -1,12 +1,12 @@
 r"""Toy science: multiple-choice quantitative questions (formulas, unit conversions), options A–D.
 
 As in GPQA-Diamond the options are shuffled by a seed and the answer is the letter in `\boxed{}`.
-The teacher computes the value, then finds the option that holds it.
+The teacher computes the value, then checks the options in order until one holds it.
 
 Example:
     A cart of mass 4 kg accelerates at 3 m/s^2. What net force acts on it?
     A) 7 N  B) 12 N  C) 1 N  D) 120 N
-    <think> F = m * a. / F = 4 * 3 = 12 N. / 12 N is option B. </think>  The answer is \boxed{B}.
+    <think> F = m * a. / F = 4 * 3 = 12 N. / A) 7 N: no. / B) 12 N: yes. </think>  The answer is \boxed{B}.
 """
 
 from __future__ import annotations
@@ -139,7 +139,14 @@ class ScienceDomain:
         letter = LETTERS[options.index(value)]
         listing = "\n".join(f"{LETTERS[i]}) {v} {unit}" for i, v in enumerate(options))
         prompt = f"{question}\n{listing}\n{SCIENCE_INSTRUCTION}"
-        reasoning = f"{rule}.\n{calc}.\n{value} {unit} is option {letter}."
+        # check the options in order until the computed value turns up: copying the option lines and
+        # comparing one number at a time is a skill a small student learns; a one-shot lookup is not
+        checks = []
+        for i, v in enumerate(options):
+            checks.append(f"{LETTERS[i]}) {v} {unit}: {'yes' if v == value else 'no'}.")
+            if v == value:
+                break
+        reasoning = f"{rule}.\n{calc}.\n" + "\n".join(checks)
         return Problem(
             prompt,
             letter,

@@ -30,6 +30,7 @@ from branchmerge.toy.domains import Problem, check_knobs, get_domain
 from branchmerge.toy.tokenizer import save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
+GENERATOR_VERSION = 2  # bump whenever a domain's problems or traces change: a built world is then rebuilt
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def build_world(
     """Write datasets, tokenizer and manifest under `out_dir`; reuse a finished world with the same spec."""
     out = Path(out_dir)
     spec = {
+        "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "domains": {d: dict(k) for d, k in domains.items()},
         "splits": [[s.name, s.size] for s in splits],

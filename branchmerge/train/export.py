@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,7 @@ from transformers import GenerationConfig
 from branchmerge.data.chat import END_OF_TURN, TEMPLATES
 from branchmerge.hf_io import atomic_dir, write_sharded
 from branchmerge.models import DTYPES
-
-
-def git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+from branchmerge.utils.git import git_revision
 
 
 def export_hf(

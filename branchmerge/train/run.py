@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ def _quiet_lightning() -> None:
 
 def train(cfg: DictConfig) -> float | None:
     raw_cfg = cfg
+    t_start = time.time()
     _quiet_lightning()
     cfg = validate(cfg, TrainConfig)
     run_dir = Path(cfg.paths.run_dir)
@@ -144,14 +146,14 @@ def train(cfg: DictConfig) -> float | None:
     module = BranchSFT(cfg, tokenizer)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        return _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir)
+        return _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir, time.time() - t_start)
     finally:
         for lg in loggers:
             if hasattr(lg, "finalize"):
                 lg.finalize("success")
 
 
-def _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir) -> float | None:
+def _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir, seconds: float) -> float | None:
     run_dir = export_dir.parent
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     final_loss = metrics.get("train/loss")
@@ -164,6 +166,10 @@ def _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir) -> float |
             "data_stats": dm.stats,
             "final_loss": final_loss,
             "steps": trainer.global_step,
+            "train_seconds": round(seconds, 1),  # this process's wall time (a resumed run: since the resume)
+            "accelerator": "cuda"
+            if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+            else "cpu",
             "world_size": trainer.world_size,
             "hydra_overrides": _overrides(raw_cfg),
         }

@@ -43,11 +43,13 @@ def build_models(root: Path, seed: int = 0) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     names = ["base", "v1", "v2", "v3"]
-    if all((root / n / "config.json").exists() for n in names):
-        return {n: root / n for n in names}
     from transformers import Qwen2Config  # the config only; no weights are loaded
 
-    cfg = Qwen2Config(**QWEN05, torch_dtype="bfloat16")
+    cfg = Qwen2Config(**QWEN05, torch_dtype="bfloat16", architectures=["Qwen2ForCausalLM"])
+    if all((root / n / "model.safetensors.index.json").exists() for n in names):
+        for n in names:
+            cfg.save_pretrained(root / n)
+        return {n: root / n for n in names}
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
@@ -100,8 +102,8 @@ def mergekit_python(venv: Path) -> Path:
     py = venv / "bin" / "python"
     if not (venv / "bin" / "mergekit-yaml").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "mergekit"], check=True)
+        for pkg in ("torch==2.13.0", "mergekit"):
+            subprocess.run([str(py), "-m", "pip", "install", "-q", pkg], check=True, capture_output=True)
     return py
 
 
@@ -147,25 +149,25 @@ METHODS = {
     "linear": (
         {"method": "linear", "inputs": ["v1", "v2", "v3"], "params": {"normalize": True}},
         "merge_method: linear\nparameters: {normalize: true}\nmodels:\n"
-        + "".join(f"  - model: {{{v}}}\n    parameters: {{weight: 1.0}}\n" for v in ("v1", "v2", "v3")),
+        + "".join(f"  - model: @{v}@\n    parameters: {{weight: 1.0}}\n" for v in ("v1", "v2", "v3")),
     ),
     "ties": (
         {"method": "ties", "base": "base", "inputs": ["v1", "v2", "v3"], "params": {"density": 0.5}},
-        "merge_method: ties\nbase_model: {base}\nparameters: {normalize: true}\nmodels:\n"
+        "merge_method: ties\nbase_model: @base@\nparameters: {normalize: true}\nmodels:\n"
         + "".join(
-            f"  - model: {{{v}}}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for v in ("v1", "v2", "v3")
+            f"  - model: @{v}@\n    parameters: {{weight: 1.0, density: 0.5}}\n" for v in ("v1", "v2", "v3")
         ),
     ),
     "dare_ties": (
         {"method": "dare_ties", "base": "base", "inputs": ["v1", "v2", "v3"], "params": {"density": 0.5}},
-        "merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+        "merge_method: dare_ties\nbase_model: @base@\nmodels:\n"
         + "".join(
-            f"  - model: {{{v}}}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for v in ("v1", "v2", "v3")
+            f"  - model: @{v}@\n    parameters: {{weight: 1.0, density: 0.5}}\n" for v in ("v1", "v2", "v3")
         ),
     ),
     "arcee_fusion": (
         {"method": "arcee_fusion", "base": "base", "inputs": ["v1"]},
-        "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {v1}\n",
+        "merge_method: arcee_fusion\nbase_model: @base@\nmodels:\n  - model: @base@\n  - model: @v1@\n",
     ),
 }
 
@@ -199,7 +201,10 @@ def main() -> None:
                     if py is None:
                         continue
                     cfg = args.root / f"{method}.yml"
-                    cfg.write_text(mk_yaml.format(**paths) + "dtype: bfloat16\nout_dtype: bfloat16\n")
+                    text = mk_yaml
+                    for k, v in paths.items():
+                        text = text.replace(f"@{k}@", v)
+                    cfg.write_text(text + "dtype: bfloat16\nout_dtype: bfloat16\n")
                     cmd = [str(py.parent / "mergekit-yaml"), str(cfg), str(out), "--lazy-unpickle"]
                 runs[tool].append(timed(cmd, env))
         row = {}

@@ -13,14 +13,13 @@ from branchmerge.merge.methods import Method, register
 def linear(
     tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool = True
 ) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weight):
-        out.add_(t, alpha=w)
     total = sum(weight)
-    if normalize:
-        if total == 0:
-            raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
-        out.div_(total)
+    if normalize and total == 0:
+        raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
+    scale = [w / total for w in weight] if normalize else list(weight)
+    out = tensors[0] * scale[0]  # one pass per input, no zero-fill and no final division
+    for t, w in zip(tensors[1:], scale[1:]):
+        out.add_(t, alpha=w)
     return out
 
 

@@ -1,0 +1,1 @@
+"""Small helpers with no heavy imports (the merge engine must start fast)."""
