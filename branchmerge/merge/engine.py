@@ -205,7 +205,10 @@ class Merger:
         def value(ref: str) -> torch.Tensor:
             if ref in self.by_name:
                 return self._eval(self.by_name[ref], name, raw, memo, rows)
-            return raw[ref].to(self.device, self.compute)
+            key = f"input:{ref}"
+            if key not in memo:  # convert once, then let the stored-dtype copy go
+                memo[key] = raw.pop(ref).to(self.device, self.compute)
+            return memo[key]
 
         tensors = [value(i.ref) for i in step.inputs]
         base = value(step.base) if step.base else None

@@ -200,3 +200,14 @@ def test_importance_fusion_generalises_arcee_fusion():
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(KeyError, match="unknown merge method 'tie'; known methods"):
         get_method("tie")
+
+
+def test_kth_largest_is_exact_on_large_tensors():
+    from branchmerge.merge.methods.sparse import kth_largest
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5_000_000, generator=g).abs()
+    for k in (1, 1000, 2_500_000, 4_999_999):
+        assert kth_largest(x, k, seed=1) == torch.kthvalue(x, x.numel() - k + 1).values
+    ties = torch.cat([torch.zeros(3_000_000), torch.ones(2_000_000)])
+    assert kth_largest(ties, 2_500_000) == 0.0 and kth_largest(ties, 2_000_000) == 1.0
