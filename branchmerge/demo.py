@@ -61,6 +61,13 @@ def parallel(jobs: dict[str, list[str]], workers: int = 2) -> dict[str, float]:
         return {name: f.result() for name, f in futures.items()}
 
 
+def _fresh(results: Path, model: Path) -> bool:
+    """A result file counts only if it scored exactly these weights (a retrained model is re-scored)."""
+    from branchmerge.eval.harness import model_hash
+
+    return results.exists() and json.loads(results.read_text())["model"]["hash"] == model_hash(model)
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -103,7 +110,7 @@ def main() -> None:
     for label, path in models.items():
         tag = path.parent.name if path.name in ("export", "model") else path.name
         result_files[label] = OUT / "eval" / f"{tag}_toy" / "results.json"
-        if not result_files[label].exists():
+        if not _fresh(result_files[label], path):
             jobs[f"eval_{tag}"] = ["evaluate.py", f"model_path={path}", "eval=toy", "threads=1"]
     timings.update(parallel(jobs))
 

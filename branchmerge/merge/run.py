@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -51,15 +52,33 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
     return models, steps, MergeOptions(**opts), recipe
 
 
+def _same_inputs(old: dict, models: dict[str, Path], recipe: dict) -> bool:
+    """The existing output was made by this recipe from byte-identical inputs (content hashes)."""
+    from branchmerge.merge.provenance import file_hash
+
+    if old.get("recipe") != json.loads(json.dumps(recipe)):
+        return False
+    for name, info in old.get("inputs", {}).items():
+        path = models.get(name)
+        if path is None or not info.get("hash"):
+            return False
+        for fname, h in info["files"].items():
+            f = Path(path) / fname
+            if not f.exists() or file_hash(f) != h:
+                return False
+    return True
+
+
 def run(cfg: DictConfig) -> dict:
     cfg = validate(cfg, MergeConfig)
     out = Path(cfg.output_dir)
     models, steps, options, recipe = recipe_from_config(cfg)
     if (out / "merge_provenance.json").exists() and not cfg.overwrite:
-        log.info("%s exists (set overwrite=true to merge again); reusing it", out)
-        import json
-
-        return json.loads((out / "merge_provenance.json").read_text())
+        old = json.loads((out / "merge_provenance.json").read_text())
+        if _same_inputs(old, models, recipe):
+            log.info("%s already holds this merge of these inputs (overwrite=true merges again)", out)
+            return old
+        log.info("%s is from another recipe or other inputs; merging again", out)
     record = merge(models, steps, out, options, recipe)
     log.info("merged model: %s (%.1fs)", out, record["seconds"])
     return record

@@ -306,7 +306,7 @@ def _cli(*args, check=True, **kw):
 
 def test_cli_single_step_overrides_and_mergekit_yaml(picos, tmp_path):
     out1 = tmp_path / "cli"
-    _cli(
+    args = [
         "method=ties",
         f"base={picos['base']}",
         f"inputs=[{picos['math']},{picos['code']}]",
@@ -314,7 +314,13 @@ def test_cli_single_step_overrides_and_mergekit_yaml(picos, tmp_path):
         f"output_dir={out1}",
         f"paths.output_dir={tmp_path}",
         "options.progress=false",
-    )
+    ]
+    _cli(*args)
+    again = _cli(*args)
+    assert "already holds this merge" in again.stdout + again.stderr  # same recipe, same input bytes: reused
+    other = _cli(*args[:3], "+params.density=0.6", *args[4:])
+    assert "merging again" in other.stdout + other.stderr
+    _cli(*args)
     mk = tmp_path / "mk.yml"
     mk.write_text(f"""merge_method: ties
 base_model: {picos["base"]}
@@ -438,3 +444,41 @@ def test_sigkill_leaves_nothing_and_a_rerun_gives_the_same_bytes(tmp_path):
     assert not list(tmp_path.glob("killed.tmp-*"))  # the stale partial folder was cleaned up
     assert (target / "model.safetensors").read_bytes() == (clean / "model.safetensors").read_bytes()
     assert os.path.getsize(target / "model.safetensors") > 40 * 1024 * 1024 * 4
+
+
+def test_fisher_merge_with_importance_estimated_on_a_calibration_set(picos, tmp_path, toy_world):
+    from branchmerge.merge.importance import estimate_fisher
+
+    models = {}
+    for name in ("math", "code"):
+        models[name] = tmp_path / name
+        shutil.copytree(picos[name], models[name])
+        fisher = estimate_fisher(models[name], toy_world / "data" / name / "train.jsonl", samples=4)
+        assert set(fisher) == set(load_file(models[name] / "model.safetensors"))
+        save_file(fisher, models[name] / "fisher.safetensors")
+    merge(
+        models,
+        parse_steps([{"name": "f", "method": "fisher", "inputs": ["math", "code"]}], set(models)),
+        tmp_path / "out",
+        _opts(),
+    )
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    a, b = load_file(models["math"] / "model.safetensors"), load_file(models["code"] / "model.safetensors")
+    fa, fb = (
+        load_file(models["math"] / "fisher.safetensors"),
+        load_file(models["code"] / "fisher.safetensors"),
+    )
+    k = "model.layers.0.mlp.up_proj.weight"
+    expect = torch.where(
+        fa[k] + fb[k] > 1e-12,
+        (fa[k] * a[k] + fb[k] * b[k]) / (fa[k] + fb[k]).clamp_min(1e-12),
+        (a[k] + b[k]) / 2,
+    )
+    assert torch.allclose(out[k], expect, atol=1e-6)
+    with pytest.raises(CheckpointError, match="no Fisher importance"):
+        merge(
+            {"math": picos["math"], "code": picos["code"]},
+            parse_steps([{"name": "f", "method": "fisher", "inputs": ["math", "code"]}], {"math", "code"}),
+            tmp_path / "out2",
+            _opts(),
+        )

@@ -58,3 +58,15 @@ def test_each_toy_branch_beats_the_base_on_its_own_domain(tmp_path):
     print(json.dumps(report))
     for d, (base, branch) in report.items():
         assert branch > base, f"{d}: branch {branch:.3f} does not beat the base {base:.3f}"
+    # and a branch scored through evaluate.py (lm-eval, HF backend) agrees with the toy verifier
+    from tests.integration.test_evaluate import check_against_verifier, run_eval
+
+    branch = tmp_path / "train" / "toy_math_branch" / "export"
+    run_eval(
+        tmp_path,
+        branch,
+        "eval.tasks=[{name: toy_math, n: 1, temperature: 0.0, top_p: 1.0, max_gen_toks: 320, limit: 96}]",
+        f"toy_dir={tmp_path / 'toy_world'}",
+    )
+    res = check_against_verifier(tmp_path / "eval" / "toy_math_branch_toy", tmp_path / "toy_world")
+    assert res["tasks"]["toy_math"]["pass@1"] > 0
