@@ -61,6 +61,34 @@ def parallel(jobs: dict[str, list[str]], workers: int = 2) -> dict[str, float]:
         return {name: f.result() for name, f in futures.items()}
 
 
+def _trained(experiment: str) -> bool:
+    """A finished run of this experiment's current recipe exists (a stale one is moved aside)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from branchmerge.config import validate
+    from branchmerge.config.schema import TrainConfig
+    from branchmerge.train.run import training_signature
+
+    run = OUT / "train" / experiment
+    done = run / "export" / "branchmerge.json"
+    if not done.exists():
+        return False
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(
+            "train", [f"+experiment={experiment}", f"paths.run_dir={run}", f"paths.root_dir={ROOT}"]
+        )
+    now = training_signature(OmegaConf.to_container(validate(cfg, TrainConfig)))
+    if training_signature(json.loads(done.read_text())["config"]) == now:
+        return True
+    stale = run.with_name(f"{run.name}.stale-{int(time.time())}")
+    run.rename(stale)
+    say(f"    {experiment}: the recipe changed since {run} was trained; moved it to {stale.name}")
+    return False
+
+
 def _fresh(results: Path, model: Path) -> bool:
     """A result file counts only if it scored exactly these weights (a retrained model is re-scored)."""
     from branchmerge.eval.harness import model_hash
@@ -82,7 +110,7 @@ def main() -> None:
     todo = {
         j: ["train.py", f"+experiment={j}", "trainer.threads=1", "trainer.progress_bar=false"]
         for j in TRAIN_JOBS
-        if not (OUT / "train" / j / "export" / "branchmerge.json").exists()
+        if not _trained(j)
     }
     timings.update(parallel(todo))
     train_cost = {

@@ -51,6 +51,12 @@ def write_toy_table(results: dict[str, Path], cost_s: dict[str, float], out_dir:
     return md
 
 
+def _cost(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.2f}"
+
+
 def _plot(rows, path: Path) -> None:
     import matplotlib
 

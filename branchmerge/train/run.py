@@ -70,6 +70,19 @@ def _check_lengths(cfg: Any, tokenizer: Any) -> None:
         )
 
 
+def training_signature(cfg: dict) -> dict:
+    """What determines the trained weights (not where they go, how often we log, or thread counts)."""
+    t = cfg["trainer"]
+    return {
+        "model": cfg["model"],
+        "data": cfg["data"],
+        "optim": cfg["optim"],
+        "seed": cfg["seed"],
+        "fisher": cfg.get("fisher"),
+        "trainer": {k: t[k] for k in ("epochs", "max_steps", "global_batch_size")},
+    }
+
+
 def _quiet_lightning() -> None:
     """Lightning adds its own console handler; Hydra's already prints (and files) every record once."""
     import warnings
@@ -88,12 +101,20 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.run_dir)
     export_dir = run_dir / "export"
     if cfg.resume == "auto" and (export_dir / "branchmerge.json").exists():
+        done = json.loads((export_dir / "branchmerge.json").read_text())
+        if training_signature(done["config"]) != training_signature(
+            OmegaConf.to_container(cfg, resolve=True)
+        ):
+            raise ValueError(
+                f"{run_dir} holds a finished run with a different recipe (model, data, optimisation or "
+                "schedule); pick another run_name, delete that folder, or set resume=never to overwrite it"
+            )
         log.info(
             "run %s is finished (%s exists); delete it or set resume=never to train again",
             run_dir,
             export_dir,
         )
-        return json.loads((export_dir / "branchmerge.json").read_text()).get("final_loss")
+        return done.get("final_loss")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True)

@@ -122,8 +122,30 @@ def test_fisher_importance_file(single_run):
 def test_finished_run_is_reused(single_run, toy_world):
     out = single_run.parent.parent
     t0 = time.time()
-    proc = run_train(out, toy_world, "run_name=single", "trainer.max_steps=6")
+    proc = run_train(
+        out,
+        toy_world,
+        "run_name=single",
+        "trainer.max_steps=6",
+        "fisher.enabled=true",
+        "fisher.last_n_steps=2",
+    )
     assert "is finished" in proc.stdout + proc.stderr and time.time() - t0 < 60
+
+
+def test_finished_run_with_another_recipe_is_refused(single_run, toy_world):
+    out = single_run.parent.parent
+    proc = run_train(
+        out,
+        toy_world,
+        "run_name=single",
+        "trainer.max_steps=6",
+        "fisher.enabled=true",
+        "fisher.last_n_steps=2",
+        "optim.lr=5e-4",
+        check=False,
+    )
+    assert proc.returncode != 0 and "holds a finished run with a different recipe" in proc.stderr
 
 
 @pytest.mark.slow
