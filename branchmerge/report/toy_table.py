@@ -29,7 +29,7 @@ def write_toy_table(results: dict[str, Path], cost_s: dict[str, float], out_dir:
         lines.append(
             f"| {label} | "
             + " | ".join(cells)
-            + f" | {mean:.1f} | {'–' if cost is None else f'{cost:.0f}'} |"
+            + f" | {mean:.1f} | {_cost(cost)} |"
         )
     md = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(md)

@@ -16,6 +16,7 @@ DOMAINS = ("math", "code", "science")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~8 min on an idle 2-core machine: three trainings and six scorings
 def test_each_toy_branch_beats_the_base_on_its_own_domain(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [f"paths.output_dir={tmp_path}"]
