@@ -26,11 +26,7 @@ def write_toy_table(results: dict[str, Path], cost_s: dict[str, float], out_dir:
     lines = [head, "|" + "---|" * (len(DOMAINS) + 3)]
     for label, s, mean, cost in rows:
         cells = [f"{s[d][0]:.1f} ± {s[d][1]:.1f}" for d, _ in DOMAINS]
-        lines.append(
-            f"| {label} | "
-            + " | ".join(cells)
-            + f" | {mean:.1f} | {_cost(cost)} |"
-        )
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean:.1f} | {_cost(cost)} |")
     md = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(md)
     with (out_dir / "table.csv").open("w", newline="") as f:
