@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from branchmerge.config import ConfigError, validate
-from branchmerge.config.schema import DistillConfig, MergeConfig, ModelConfig, TrainConfig
+from branchmerge.config.schema import DistillConfig, EvalConfig, MergeConfig, ModelConfig, TrainConfig
 from tests.conftest import CONF, compose, load_model_entry
 
 SCHEMAS = {"distill": DistillConfig, "train": TrainConfig, "merge": MergeConfig}
@@ -147,3 +147,16 @@ def test_every_merge_overlay_is_a_valid_recipe():
             cfg = validate(compose("merge", [f"+experiment={exp}"]), MergeConfig)
             steps = parse_steps([dict(s) for s in cfg.steps], set(cfg.models))
             assert steps[-1].name and all(s.method for s in steps), exp
+
+
+@pytest.mark.parametrize("suite", ["toy", "paper", "smoke"])
+def test_eval_config_and_every_suite_compose_and_validate(suite):
+    cfg = validate(compose("eval", [f"eval={suite}", "model_path=/models/x/export"]), EvalConfig)
+    assert cfg.run_name == f"x_{suite}" and cfg.eval.tasks
+    if suite == "paper":
+        n = {t.name: (t.n, t.temperature, t.top_p, t.max_gen_toks) for t in cfg.eval.tasks}
+        assert n == {
+            "aime24": (16, 0.6, 0.95, 32768),
+            "livecodebench": (4, 0.6, 0.95, 32768),
+            "gpqa_diamond": (4, 0.6, 0.95, 32768),
+        }
