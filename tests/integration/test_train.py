@@ -60,19 +60,14 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "export" / "model.safetensors")
 
 
+# the recipe of the shared single-process run (checkpoint cadence and logger do not change the weights)
+SINGLE = ("run_name=single", "trainer.max_steps=6", "fisher.enabled=true", "fisher.last_n_steps=2")
+
+
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, toy_world) -> Path:
     out = tmp_path_factory.mktemp("single")
-    run_train(
-        out,
-        toy_world,
-        "run_name=single",
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every_n_steps=2",
-        "fisher.enabled=true",
-        "fisher.last_n_steps=2",
-        "logger=wandb",
-    )
+    run_train(out, toy_world, *SINGLE, "trainer.checkpoint_every_n_steps=2", "logger=wandb")
     return out / "train" / "single"
 
 
@@ -122,29 +117,13 @@ def test_fisher_importance_file(single_run):
 def test_finished_run_is_reused(single_run, toy_world):
     out = single_run.parent.parent
     t0 = time.time()
-    proc = run_train(
-        out,
-        toy_world,
-        "run_name=single",
-        "trainer.max_steps=6",
-        "fisher.enabled=true",
-        "fisher.last_n_steps=2",
-    )
+    proc = run_train(out, toy_world, *SINGLE)
     assert "is finished" in proc.stdout + proc.stderr and time.time() - t0 < 60
 
 
 def test_finished_run_with_another_recipe_is_refused(single_run, toy_world):
     out = single_run.parent.parent
-    proc = run_train(
-        out,
-        toy_world,
-        "run_name=single",
-        "trainer.max_steps=6",
-        "fisher.enabled=true",
-        "fisher.last_n_steps=2",
-        "optim.lr=5e-4",
-        check=False,
-    )
+    proc = run_train(out, toy_world, *SINGLE, "optim.lr=5e-4", check=False)
     assert proc.returncode != 0 and "holds a finished run with a different recipe" in proc.stderr
 
 
