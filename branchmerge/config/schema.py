@@ -127,6 +127,35 @@ class MergeOptionsConfig:
 
 
 @dataclass
+class WandbTrialConfig:
+    enabled: bool = True  # one W&B run per scored merge (offline unless WANDB_MODE says otherwise)
+    project: str = "branchmerge-sweeps"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    group: str | None = None  # default: the sweep's name
+
+
+@dataclass
+class ScoreConfig:
+    """How a merge scores its own output (when `eval` names a suite) and what a sweep trial returns."""
+
+    metric: str = "mean"  # "mean" over the suite's tasks' pass@1, or one task's name (e.g. toy_math)
+    direction: Literal["maximize", "minimize"] = "maximize"
+    failure_value: float = -1.0  # what a failed trial returns inside a sweep (the sweep goes on)
+    keep_weights: Literal["all", "best", "none"] = "all"  # best: delete every other trial's weights
+    results_file: str | None = None  # trial rows (JSONL; a CSV beside it); default <sweep dir>/results.jsonl
+    sweep_name: str | None = None  # default: the sweep folder's name
+    backend: Literal["hf", "vllm"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    batch_size: int = 64
+    threads: int | None = None
+    seed: int = 1234
+    tensor_parallel_size: int = 1  # vLLM
+    max_model_len: int | None = None
+    wandb: WandbTrialConfig = field(default_factory=WandbTrialConfig)
+
+
+@dataclass
 class MergeConfig:
     task_name: str
     run_name: str
@@ -141,6 +170,8 @@ class MergeConfig:
     inputs: list[Any] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     from_mergekit: str | None = None
+    eval: EvalSuiteConfig | None = None  # score the merged model on this suite (sweeps); None = don't
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
 
 @dataclass

@@ -5,8 +5,10 @@
         --result "(math & science) & code = TinyR1-32B-Preview=outputs/eval/tinyr1_merge_paper/results.json" \
         --out experiments/tinyr1_table2/out
     python -m branchmerge.report table1 --out experiments/tinyr1_table1/out     # the paper's column alone
+    python -m branchmerge.report sweep outputs/sweeps/toy_ties_grid             # a sweep's table + plots
 
-Writes <out>/<table>.{md,tex,csv} and prints the Markdown.
+Tables: writes <out>/<table>.{md,tex,csv} and prints the Markdown. Sweeps: prints the trials best
+first, writes <sweep>/plots/*.png (score against each coefficient, the Pareto front across domains).
 """
 
 from __future__ import annotations
@@ -23,7 +25,38 @@ PAPER = {
 }
 
 
+def sweep_main(argv: list[str]) -> None:
+    from branchmerge.report.sweep_plots import plot_sweep
+    from branchmerge.sweep.results import flatten, load_results
+
+    ap = argparse.ArgumentParser(prog="python -m branchmerge.report sweep")
+    ap.add_argument("sweep_dir", type=Path, help="a folder holding results.jsonl")
+    ap.add_argument("--top", type=int, default=10, help="trials to print, best first")
+    ap.add_argument("--minimize", action="store_true", help="lower objective is better")
+    args = ap.parse_args(argv)
+    rows = load_results(args.sweep_dir / "results.jsonl")
+    if not rows:
+        ap.error(f"no results.jsonl with trials in {args.sweep_dir}")
+    flat = sorted(flatten(rows), key=lambda r: r["objective"], reverse=not args.minimize)
+    cols = [c for c in flat[0] if c not in ("error",) and not c.endswith("_stderr")]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in flat[: args.top]:
+        print("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    print(f"{len(rows)} trials ({sum(r['status'] != 'ok' for r in rows)} failed)")
+    for p in plot_sweep(args.sweep_dir):
+        print(f"wrote {p}")
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m branchmerge.report", description=__doc__.splitlines()[0])
     ap.add_argument("table", choices=[*PAPER, "custom"])
     ap.add_argument("--paper", type=Path, help="paper CSV (default: the table's own under experiments/)")

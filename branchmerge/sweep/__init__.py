@@ -1,0 +1,1 @@
+"""Sweeps over merge coefficients: a trial = merge + evaluate -> one objective (see trial.py)."""

@@ -1,0 +1,124 @@
+"""A sweep's results table: one JSON line per trial, a CSV beside it, and the keep-only-the-best rule.
+
+    <sweep dir>/results.jsonl   {"trial", "status", "params", "scores": {task: {pass@1, stderr}},
+                                 "objective", "weights_kept", "model_dir", ...} per line
+    <sweep dir>/results.csv     the same, flat: one column per parameter and per task
+
+Trials may finish concurrently (a Hydra launcher with several workers, several W&B agents): every
+update takes an exclusive lock on <results>.lock and rewrites the files atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load_results(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _better(a: float, b: float, direction: str) -> bool:
+    return a > b if direction == "maximize" else a < b
+
+
+def record_trial(path: Path, row: dict, keep: str, direction: str) -> None:
+    """Append `row` (replacing an earlier row of the same trial folder) and apply the weights policy:
+    `all` keeps every trial's weights, `none` deletes this one's, `best` keeps only the best trial's."""
+    path = Path(path)
+    with _locked(path):
+        rows = [r for r in load_results(path) if r["run_dir"] != row["run_dir"]]
+        row = {**row, "weights_kept": row["status"] == "ok"}
+        if row["status"] == "ok" and keep == "none":
+            row["weights_kept"] = _delete_weights(Path(row["model_dir"]))
+        elif row["status"] == "ok" and keep == "best":
+            kept = [r for r in rows if r.get("weights_kept")]
+            best = max(
+                kept,
+                key=lambda r: r["objective"] if direction == "maximize" else -r["objective"],
+                default=None,
+            )
+            if best is None or _better(row["objective"], best["objective"], direction):
+                for r in kept:
+                    r["weights_kept"] = _delete_weights(Path(r["model_dir"]))
+            else:
+                row["weights_kept"] = _delete_weights(Path(row["model_dir"]))
+        rows.append(row)
+        _write(path, rows)
+
+
+def _delete_weights(model_dir: Path) -> bool:
+    """Remove the weight files (config, tokenizer, provenance of what was merged stay, renamed so the
+    merge is not mistaken for a finished one). Returns False: the weights are no longer kept."""
+    for pattern in WEIGHT_FILES:
+        for f in model_dir.glob(pattern):
+            f.unlink()
+    prov = model_dir / "merge_provenance.json"
+    if prov.exists():
+        prov.rename(model_dir / "merge_provenance.weights_deleted.json")
+    log.info("deleted the weights of %s (score.keep_weights)", model_dir)
+    return False
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    table = flatten(rows)
+    cols = list(dict.fromkeys(k for r in table for k in r))
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(table)
+    os.replace(tmp, path.with_suffix(".csv"))
+
+
+def flatten(rows: list[dict]) -> list[dict]:
+    """One flat dict per trial: trial, status, each parameter, each task's pass@1 and stderr, objective."""
+    out = []
+    for r in rows:
+        flat = {"trial": r["trial"], "status": r["status"]}
+        flat.update(r["params"])
+        for task, s in r["scores"].items():
+            flat[task] = s["pass@1"]
+            flat[f"{task}_stderr"] = s["stderr"]
+        flat.update(objective=r["objective"], weights_kept=r.get("weights_kept"), error=r.get("error"))
+        out.append(flat)
+    return out
+
+
+def copy_best(path: Path, dest: Path, direction: str = "maximize") -> Path:
+    """Copy the best trial's merged folder to `dest` (it must still hold its weights)."""
+    rows = [r for r in load_results(path) if r["status"] == "ok"]
+    if not rows:
+        raise ValueError(f"{path} has no successful trial")
+    best = max(rows, key=lambda r: r["objective"] if direction == "maximize" else -r["objective"])
+    if not best.get("weights_kept"):
+        raise FileNotFoundError(f"the best trial's weights were deleted: {best['model_dir']}")
+    shutil.copytree(best["model_dir"], dest)
+    return dest
