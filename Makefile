@@ -10,6 +10,7 @@ TORCH_CPU_SPEC ?= torch==2.13.0
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export SQLALCHEMY_SILENCE_UBER_WARNING ?= 1
 
 .PHONY: setup test test-fast demo lint format clean bench-train bench-merge
 

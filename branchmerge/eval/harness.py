@@ -98,6 +98,7 @@ def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
         fewshot_random_seed=cfg.seed,
         bootstrap_iters=0,
         confirm_run_unsafe_code=True,
+        task_manager=tm,  # without it lm-eval indexes its ~13k bundled task YAMLs again (~7 s a task)
     )
     rows = []
     for s in out["samples"][spec.name]:
