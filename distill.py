@@ -6,6 +6,8 @@ python distill.py +experiment=toy_data        # the toy world (datasets + tokeni
 import hydra
 from omegaconf import DictConfig
 
+import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="distill")
 def main(cfg: DictConfig) -> None:

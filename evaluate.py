@@ -7,7 +7,7 @@ python evaluate.py model_path=<32B folder> eval=paper backend=vllm tensor_parall
 import hydra
 from omegaconf import DictConfig
 
-import branchmerge.config.resolvers  # noqa: F401  (${bm_model_tag:...} in conf/eval.yaml)
+import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/, ${bm_model_tag:...})
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

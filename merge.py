@@ -11,7 +11,7 @@ python merge.py -m +experiment=toy_merge_ties +hparams_search=toy_ties_grid   # 
 import hydra
 from omegaconf import DictConfig
 
-import branchmerge.config.resolvers  # noqa: F401  (${bm_dir_name:...} in conf/hparams_search/)
+import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/, conf/hparams_search/)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="merge")

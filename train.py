@@ -8,6 +8,8 @@ python train.py +experiment=math_branch                           # the paper's 
 import hydra
 from omegaconf import DictConfig
 
+import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

@@ -1,5 +1,7 @@
 """OmegaConf resolvers used in conf/ (registered on import by the entry points).
 
+${bm_cwd:}                        the working directory (unlike ${hydra:runtime.cwd}, also resolvable
+                                 by a sweeper before any job starts)
 ${bm_model_tag:${model_path}}   outputs/train/toy_math_branch/export -> toy_math_branch
 ${bm_dir_name:${hydra.job.override_dirname}}   a sweep trial's folder name: one path component
 ${bm_sqlite:${paths.output_dir}/sweeps/x/optuna.db}  sqlite:///<abs path>, its folder created (an
@@ -7,6 +9,7 @@ ${bm_sqlite:${paths.output_dir}/sweeps/x/optuna.db}  sqlite:///<abs path>, its f
 """
 
 import hashlib
+import os
 from pathlib import Path, PurePath
 
 from omegaconf import OmegaConf
@@ -33,6 +36,8 @@ def sqlite_url(path: str) -> str:
     return f"sqlite:///{p}"
 
 
+if not OmegaConf.has_resolver("bm_cwd"):
+    OmegaConf.register_new_resolver("bm_cwd", lambda: os.getcwd())
 if not OmegaConf.has_resolver("bm_sqlite"):
     OmegaConf.register_new_resolver("bm_sqlite", sqlite_url)
 if not OmegaConf.has_resolver("bm_model_tag"):

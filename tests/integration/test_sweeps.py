@@ -214,7 +214,9 @@ def test_every_sweep_file_composes(sweep_file):
     assert spec["program"] == "merge.py" and "${args_no_hyphens}" in spec["command"]
     params = {k: _draw(v, random.Random(1)) for k, v in spec["parameters"].items()}
     overrides = [
-        c for c in spec["command"] if not c.startswith("${") and not c.startswith("hydra.") and c != spec["program"]
+        c
+        for c in spec["command"]
+        if not c.startswith("${") and not c.startswith("hydra.") and c != spec["program"]
     ]
     cfg = compose("merge", [*overrides, *(f"{k}={v}" for k, v in params.items())])
     checked = validate(cfg, MergeConfig)

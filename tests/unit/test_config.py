@@ -1,5 +1,6 @@
 """Configs are code: every primary config and overlay composes and validates; mistakes name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,24 @@ def test_eval_config_and_every_suite_compose_and_validate(suite):
             "livecodebench": (4, 0.6, 0.95, 32768),
             "gpqa_diamond": (4, 0.6, 0.95, 32768),
         }
+
+
+HPARAMS = sorted(p.stem for p in (CONF / "hparams_search").glob("[!_]*.yaml"))
+
+
+@pytest.mark.parametrize("search", HPARAMS)
+def test_every_hparams_search_composes_with_its_experiment(search):
+    """The command in each sweep config's header composes: sweeper, search space, trial folders."""
+    from omegaconf import OmegaConf
+
+    head = (CONF / "hparams_search" / f"{search}.yaml").read_text()
+    m = re.search(rf"python merge\.py (\+experiment=\w+) \+hparams_search={search}\b", head)
+    assert m, f"conf/hparams_search/{search}.yaml must open with the command that runs it"
+    cfg = compose("merge", [m.group(1), f"+hparams_search={search}"], keep_hydra=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.params, "a sweep needs a search space"
+    for key in sweeper.params:  # every swept key exists in the experiment's recipe
+        assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None, key
+    assert cfg.eval is not None and cfg.score.sweep_name == search
+    if "optuna" in search:
+        assert sweeper.storage.startswith("sqlite:///") and sweeper.study_name == search
