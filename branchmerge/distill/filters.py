@@ -90,7 +90,7 @@ class TokenCounter:
     def __call__(self, rec: Record) -> int:
         if self.templated:
             ids = self.tok.apply_chat_template(rec.messages, tokenize=True)
-            return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
         return sum(len(self.tok(m["content"], add_special_tokens=False)["input_ids"]) for m in rec.messages)
 
 

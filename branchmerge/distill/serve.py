@@ -154,7 +154,7 @@ def make_server(
     server = ThreadingHTTPServer((host, port), _Handler)
     server.daemon_threads = True
     server.tok = AutoTokenizer.from_pretrained(model_dir)
-    server.model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    server.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     server.model_name = model_dir.rstrip("/").split("/")[-1]
     server.lock, server.delay_s = threading.Lock(), delay_s
     log_f = open(request_log, "a", encoding="utf-8") if request_log else None  # noqa: SIM115

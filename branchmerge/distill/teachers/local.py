@@ -38,7 +38,7 @@ class HFTeacher:
 
         self.cfg = cfg
         self.tok = AutoTokenizer.from_pretrained(cfg.model)
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
         self.name = Path(cfg.model).name
 
     def sample(self, messages: list[dict[str, str]], n: int) -> tuple[list[dict[str, str]], dict[str, int]]:
@@ -113,6 +113,11 @@ class ToyTeacher:
             )
         self.traces = {r.prompt: r.response for f in files for r in read_records(f) if r.response}
         self.corrupt = dict(cfg.corrupt or {})
+        unknown = set(self.corrupt) - {"wrong_answer", "unclosed_think"}
+        if unknown:
+            raise ValueError(
+                f"teacher.corrupt: unknown keys {sorted(unknown)}; known: wrong_answer, unclosed_think"
+            )
         self.seed = cfg.seed or 0
 
     def damage(self, text: str, rng: random.Random) -> str:
