@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.distill.teachers import GenRequest, GenResult
 
@@ -51,7 +52,8 @@ def parse_choices(body: dict, n: int) -> list[dict[str, str]]:
 
 
 class OpenAITeacher:
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, transport: httpx.AsyncBaseTransport | None = None):
+        self.transport = transport  # tests inject httpx.MockTransport; None = the network
         if not cfg.base_url or not cfg.model:
             raise ValueError(
                 "teacher=openai needs teacher.base_url (e.g. http://host:8000/v1) and teacher.model"
@@ -72,7 +74,8 @@ class OpenAITeacher:
         }
         if c.seed is not None:
             body["seed"] = c.seed
-        return {**body, **dict(c.extra_body or {})}
+        extra = c.extra_body or {}
+        return {**body, **(OmegaConf.to_container(extra) if isinstance(extra, DictConfig) else dict(extra))}
 
     def delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:
@@ -121,7 +124,7 @@ class OpenAITeacher:
         timeout = httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
 
         async with httpx.AsyncClient(
-            base_url=base, headers=self.headers, timeout=timeout, limits=limits
+            base_url=base, headers=self.headers, timeout=timeout, limits=limits, transport=self.transport
         ) as client:
 
             async def task(req: GenRequest) -> None:
