@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 log = logging.getLogger(__name__)
 
 
@@ -111,7 +113,16 @@ def generate(
             journal_path,
             len(pending),
         )
-        failed = teacher.run(pending, journal.append) if pending else []
+        bar = tqdm(total=len(pending), desc="teacher requests", unit="req", disable=None)
+
+        def done(result: GenResult) -> None:
+            journal.append(result)  # on disk first, then counted
+            bar.update(1)
+
+        try:
+            failed = teacher.run(pending, done) if pending else []
+        finally:
+            bar.close()
         return dict(journal.done), failed
     finally:
         journal.close()
