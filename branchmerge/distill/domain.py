@@ -48,7 +48,13 @@ class Context:
     on_bad_row: str
     decontam: NgramIndex | None
     count_tokens: Any  # Record -> int, or None
-    teacher: Any = None  # built on first use
+    make_teacher: Any = None  # () -> Teacher, called once, when a request is pending
+    _teacher: Any = None
+
+    def teacher(self) -> Any:
+        if self._teacher is None:
+            self._teacher = self.make_teacher()
+        return self._teacher
 
 
 def iter_sources(name: str, dcfg: Any, on_bad_row: str, stage: F.StageResult) -> Iterator[Record]:

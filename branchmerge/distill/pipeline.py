@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -137,8 +138,10 @@ def distill(cfg: DictConfig) -> dict:
     if any(d.generate for d in cfg.domains.values()):
         from branchmerge.distill.teachers import build_teacher
 
-        ctx.teacher = build_teacher(
-            cfg.teacher, **({"toy_dir": cfg.paths.toy_dir} if cfg.teacher.name == "toy" else {})
+        ctx.make_teacher = partial(
+            build_teacher,
+            cfg.teacher,
+            **({"toy_dir": cfg.paths.toy_dir} if cfg.teacher.name == "toy" else {}),
         )
     manifest = {
         "config": plain(cfg),

@@ -174,6 +174,7 @@ def test_server_killed_mid_run_then_resumed_gives_every_record_once(tmp_path, pi
     )
 
 
+@pytest.mark.slow
 def test_hf_teacher_generates_n_samples_in_process(tmp_path, pico_dir):
     seeds = seeds_file(tmp_path / "seeds.jsonl")
     manifest = run(job_cfg(tmp_path, seeds, "", teacher="hf", extra=(f"teacher.model={pico_dir}",)))

@@ -91,3 +91,16 @@ def test_reasoning_content_is_joined_into_a_think_block():
         ]
     }
     assert parse_choices(body, 1) == [{"text": "<think>\nbecause\n</think>\n\n42", "finish_reason": "stop"}]
+
+
+def test_one_request_per_sample_gets_its_own_key_and_seed():
+    from omegaconf import OmegaConf
+
+    from branchmerge.data.records import Record
+    from branchmerge.distill.domain import requests_for
+
+    t = OmegaConf.create({"n": 2, "n_per_request": False})
+    reqs = requests_for([Record("q", "math", "s", [{"role": "user", "content": "x"}], "1")], t)
+    assert [(r.key, r.seed_id, r.n) for r in reqs] == [("q#0", "q", 1), ("q#1", "q", 1)]
+    teacher = OpenAITeacher(_cfg(n=2, n_per_request=False))
+    assert [teacher.body(r)["seed"] for r in reqs] == [7, 8]

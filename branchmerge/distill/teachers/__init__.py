@@ -100,9 +100,15 @@ class Journal:
 
 
 def generate(
-    teacher: Teacher, requests: list[GenRequest], journal_path: str | Path, settings: dict[str, Any]
+    teacher: Callable[[], Teacher],
+    requests: list[GenRequest],
+    journal_path: str | Path,
+    settings: dict[str, Any],
 ) -> tuple[dict[str, GenResult], list[str]]:
-    """Results of every request (from the journal or newly generated) and the keys that failed."""
+    """Results of every request (from the journal or newly generated) and the keys that failed.
+
+    `teacher` is called for the backend only when some request is pending (a finished job loads no model).
+    """
     journal = Journal(journal_path, settings)
     try:
         pending = [r for r in requests if r.key not in journal.done]
@@ -120,7 +126,7 @@ def generate(
             bar.update(1)
 
         try:
-            failed = teacher.run(pending, done) if pending else []
+            failed = teacher().run(pending, done) if pending else []
         finally:
             bar.close()
         return dict(journal.done), failed

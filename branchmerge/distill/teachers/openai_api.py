@@ -72,8 +72,8 @@ class OpenAITeacher:
             "top_p": c.top_p,
             "max_tokens": c.max_new_tokens,
         }
-        if c.seed is not None:
-            body["seed"] = c.seed
+        if c.seed is not None:  # sample k of a question sent alone ("<id>#<k>") gets seed + k
+            body["seed"] = c.seed + (int(req.key.rsplit("#", 1)[1]) if "#" in req.key else 0)
         extra = c.extra_body or {}
         return {**body, **(OmegaConf.to_container(extra) if isinstance(extra, DictConfig) else dict(extra))}
 
