@@ -163,21 +163,20 @@ def distill(cfg: DictConfig) -> dict:
 
 
 def summarize_stats(stats: dict, out: Path) -> str:
+    """One row per domain and stage: input, removed per reason (blank: not a filter of that stage), kept."""
     reasons = sorted(
         {r for s in stats.values() for r in s["traces"]["removed"]}
         | {r for s in stats.values() for r in s.get("seeds", {}).get("removed", {})}
     )
+    w = {r: len(r) + 2 for r in reasons}
     head = (
-        f"{'domain':<10}{'stage':<8}{'input':>8}" + "".join(f"{r[:12]:>13}" for r in reasons) + f"{'kept':>8}"
+        f"{'domain':<10}{'stage':<8}{'input':>7}" + "".join(f"{r:>{w[r]}}" for r in reasons) + f"{'kept':>7}"
     )
     lines = [f"branch datasets at {out}", head]
     for name, s in stats.items():
         for stage in ("seeds", "traces"):
             if stage in s:
                 st = s[stage]
-                lines.append(
-                    f"{name:<10}{stage:<8}{st['input']:>8}"
-                    + "".join(f"{st['removed'].get(r, ''):>13}" for r in reasons)
-                    + f"{st['kept']:>8}"
-                )
+                cells = "".join(f"{st['removed'].get(r, ''):>{w[r]}}" for r in reasons)
+                lines.append(f"{name:<10}{stage:<8}{st['input']:>7}{cells}{st['kept']:>7}")
     return "\n".join(lines)

@@ -108,17 +108,21 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.server.delay_s:
             time.sleep(self.server.delay_s)
-        with self.server.lock:
-            samples, usage = generate_chat(
-                self.server.model,
-                self.server.tok,
-                messages,
-                n,
-                float(req.get("temperature", 1.0)),
-                float(req.get("top_p", 1.0)),
-                int(req.get("max_tokens", 256)),
-                req.get("seed"),
-            )
+        try:
+            with self.server.lock:
+                samples, usage = generate_chat(
+                    self.server.model,
+                    self.server.tok,
+                    messages,
+                    n,
+                    float(req.get("temperature", 1.0)),
+                    float(req.get("top_p", 1.0)),
+                    int(req.get("max_tokens", 256)),
+                    req.get("seed"),
+                )
+        except Exception as e:  # a generation error is the server's fault: 500, the client retries
+            self._send(500, {"error": {"message": f"generation failed: {e!r}"}})
+            return
         choices = [
             {
                 "index": i,

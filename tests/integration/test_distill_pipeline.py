@@ -170,3 +170,35 @@ def test_toy_teacher_generation_resumes_from_its_journal(tmp_path):
     other = [*over[:-3], "teacher.n=2", *over[-2:]]
     with pytest.raises(ValueError, match="other teacher settings"):
         run(distill_cfg(tmp_path, domains, other))
+
+
+def test_failed_requests_are_counted_with_on_error_skip_and_retried_on_rerun(tmp_path, monkeypatch):
+    from branchmerge.distill import teachers
+    from branchmerge.distill.teachers.local import ToyTeacher
+
+    toy = _tiny_toy_world(tmp_path / "toy_world")
+    domains = {
+        "math": {
+            "generate": True,
+            "verifier": "toy",
+            "sources": [{"format": "records", "path": str(toy / "data" / "math" / "train.jsonl")}],
+        }
+    }
+    over = [f"paths.toy_dir={toy}", "teacher.n=2", "teacher.on_error=skip", "selection.decontam.sets=[]"]
+    sent: list[str] = []
+
+    class Flaky:  # every third request fails after its retries
+        def run(self, requests, on_done):
+            oracle = ToyTeacher(OmegaConf.create({"corrupt": {}, "seed": 0}), toy_dir=str(toy))
+            failed = [r.key for i, r in enumerate(requests) if i % 3 == 0]
+            sent.extend(r.key for r in requests)
+            oracle.run([r for r in requests if r.key not in failed], on_done)
+            return failed
+
+    monkeypatch.setattr(teachers, "build_teacher", lambda cfg, **kw: Flaky())
+    s = run(distill_cfg(tmp_path, domains, over))["stats"]["math"]["traces"]
+    assert s["removed"]["teacher_error"] == 2 * 10  # 10 of 30 requests, n=2 samples each
+    assert s["input"] == 60 == sum(s["removed"].values()) + s["kept"]
+    sent.clear()
+    s = run(distill_cfg(tmp_path, domains, over))["stats"]["math"]["traces"]
+    assert len(sent) == 10 and s["removed"]["teacher_error"] == 2 * 4  # only the failed were re-sent
