@@ -75,6 +75,7 @@ class DecontamConfig:
 class SelectionConfig:
     format: bool = True
     max_tokens: int | None = 16384  # prompt + response, student's tokenizer; null = no limit
+    template: Literal["chatml", "deepseek_r1"] = "chatml"  # the training chat template (conf/data/*.yaml)
     dedup: bool = True
     near_dup_threshold: float | None = 0.9  # estimated Jaccard of prompt shingles; null = off
     minhash_perm: int = 64

@@ -229,6 +229,9 @@ def run_domain(name: str, dcfg: Any, out_dir: str | Path, ctx: Context) -> dict[
     stages.append(traces)
     stats["traces"] = traces.stats()
     stats["kept"] = stats["traces"]["kept"]
+    bad = [f"{e['id']}: {e['detail']}" for s in stages for e in s.log if e["reason"] == "bad_row"]
+    if bad:  # the first few, so a malformed file shows up without opening removed.jsonl
+        stats["bad_rows"] = bad[:20]
     write_records(out / "train.jsonl", (_clean(r) for r in traces.kept))
     _write_json(out / "removed.jsonl", [{"stage": s.name, **e} for s in stages for e in s.log], lines=True)
     _write_json(out / "stats.json", stats)

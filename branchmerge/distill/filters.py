@@ -10,7 +10,7 @@ A stage runs filters in order over records; a record is removed by the *first* f
 |---|---|
 | select | a `select:` metadata condition fails (e.g. question_type not in [math-word-problem]) |
 | format | no closed `<think>…</think>`, nothing after it, or the teacher stopped at its token limit |
-| length | prompt + response exceed `max_tokens` tokens of the student's tokenizer (chat template applied) |
+| length | prompt + response exceed `max_tokens` tokens of the student's tokenizer (training chat template) |
 | decontam | the prompt contains most n-grams of an evaluation item (AIME 2024, GPQA-D, LCB, toy test) |
 | verify | the domain verifier says the answer is wrong (or cannot check it, with on_unverifiable=drop) |
 | duplicate | the same prompt (+ response, for trace stages) was kept before (case/whitespace folded) |
@@ -81,17 +81,24 @@ def check_select(rec: Record, select: dict[str, list]) -> str | None:
 
 
 class TokenCounter:
-    """Tokens of a record as the student sees it: its chat template over all turns, else plain text."""
+    """Tokens of a record as the student trains on it: rendered with the training chat template
+    (branchmerge.data.chat: "chatml" for the paper's branches), then tokenized without extra specials.
 
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.templated = bool(getattr(tokenizer, "chat_template", None))
+    Not the tokenizer's own chat template: R1-Distill's drops the reasoning of assistant turns, which
+    would undercount a trace by its whole <think> block.
+    """
+
+    def __init__(self, tokenizer, template: str = "chatml"):
+        from branchmerge.data.chat import get_template
+
+        get_template(template)  # fail early on an unknown name
+        self.tok, self.template = tokenizer, template
 
     def __call__(self, rec: Record) -> int:
-        if self.templated:
-            ids = self.tok.apply_chat_template(rec.messages, tokenize=True)
-            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
-        return sum(len(self.tok(m["content"], add_special_tokens=False)["input_ids"]) for m in rec.messages)
+        from branchmerge.data.chat import render
+
+        text, _ = render(rec.messages, self.template)
+        return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
 
 def run_stage(

@@ -104,7 +104,7 @@ def _context(cfg: DictConfig) -> tuple[Context, dict[str, int]]:
 
         from branchmerge.distill.filters import TokenCounter
 
-        count = TokenCounter(AutoTokenizer.from_pretrained(cfg.student_tokenizer))
+        count = TokenCounter(AutoTokenizer.from_pretrained(cfg.student_tokenizer), sel.template)
     ctx = Context(sel, cfg.teacher, cfg.on_bad_row, index, count)
     return ctx, {k: len(v) for k, v in texts.items()}
 

@@ -81,6 +81,8 @@ def test_counts_add_up_and_planted_items_are_removed(tmp_path):
     assert why["openr1-math-u3"] == "decontam"  # the planted AIME 2024 problem
     assert why["openr1-math-u4"] == "verify"  # the planted wrong answer (flagged correct in the dataset)
     assert why[f"{FIX / 'openr1_math.jsonl'}:10"] == "bad_row"
+    bad_rows = json.loads((out / "math" / "stats.json").read_text())["bad_rows"]
+    assert len(bad_rows) == 1 and bad_rows[0].startswith(f"{FIX / 'openr1_math.jsonl'}:10: not valid JSON (")
     kept = list(read_records(out / "math" / "train.jsonl", require_response=True))
     assert [r.id for r in kept] == ["openr1-math-u1", "openr1-math-u8"]  # u8: 0.75 == \frac{3}{4}
 

@@ -17,7 +17,7 @@ def _cfg(**kw):
         "name": "openai",
         "model": "m",
         "base_url": "http://teacher/v1",
-        "max_retries": 3,
+        "max_retries": 4,
         "backoff_s": 0.001,
         "backoff_max_s": 0.01,
         "n": 2,
@@ -50,8 +50,10 @@ def test_retries_transient_errors_then_succeeds_with_the_configured_body():
         if len(seen) == 1:
             raise httpx.ConnectError("refused")
         if len(seen) == 2:
-            return httpx.Response(503, text="busy")
+            raise httpx.ReadTimeout("no answer within timeout_s")
         if len(seen) == 3:
+            return httpx.Response(503, text="busy")
+        if len(seen) == 4:
             return httpx.Response(429, headers={"Retry-After": "0.001"}, text="slow down")
         return _ok(body)
 
@@ -59,7 +61,7 @@ def test_retries_transient_errors_then_succeeds_with_the_configured_body():
     failed = OpenAITeacher(_cfg(), httpx.MockTransport(handler)).run(
         [GenRequest("q1", "q1", [{"role": "user", "content": "hi"}], 2)], done.append
     )
-    assert failed == [] and len(seen) == 4 and {k for k, _ in seen} == {"q1"}
+    assert failed == [] and len(seen) == 5 and {k for k, _ in seen} == {"q1"}
     body = seen[-1][1]
     assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (2, 0.6, 0.95, 32768)
     assert body["seed"] == 7 and body["stop"] == ["<eos>"] and body["model"] == "m"
@@ -77,7 +79,7 @@ def test_client_errors_are_not_retried_and_retries_are_bounded():
 
     reqs = [GenRequest(k, k, [{"role": "user", "content": k}], 1) for k in ("bad", "down")]
     failed = OpenAITeacher(_cfg(n=1), httpx.MockTransport(handler)).run(reqs, lambda r: None)
-    assert sorted(failed) == ["bad", "down"] and calls == {"bad": 1, "down": 4}
+    assert sorted(failed) == ["bad", "down"] and calls == {"bad": 1, "down": 5}
 
 
 def test_reasoning_content_is_joined_into_a_think_block():
