@@ -204,3 +204,43 @@ def test_failed_requests_are_counted_with_on_error_skip_and_retried_on_rerun(tmp
     sent.clear()
     s = run(distill_cfg(tmp_path, domains, over))["stats"]["math"]["traces"]
     assert len(sent) == 10 and s["removed"]["teacher_error"] == 2 * 4  # only the failed were re-sent
+
+
+def test_science_data_experiment_on_fixtures_filters_seeds_before_paying(tmp_path, monkeypatch):
+    """The paper's science recipe as configured (+experiment=science_data), with its three seed sources
+    pointed at the fixtures and a stand-in teacher: GPQA questions never reach the teacher."""
+    from branchmerge.distill import teachers
+    from branchmerge.distill.teachers import GenResult
+
+    asked: list[str] = []
+
+    class Echo:
+        def run(self, requests, on_done):
+            for r in requests:
+                asked.append(r.messages[-1]["content"])
+                samples = [{"text": "<think>\nhm\n</think>\n\nAnswer.", "finish_reason": "stop"}] * r.n
+                on_done(GenResult(r.key, r.seed_id, samples, {}, "echo"))
+            return []
+
+    monkeypatch.setattr(teachers, "build_teacher", lambda cfg, **kw: Echo())
+    files = ["data_ablation_full59k.jsonl", "s1k.jsonl", "openthoughts_metadata.jsonl"]
+    cfg = compose(
+        "distill",
+        [
+            "+experiment=science_data",
+            f"paths.root_dir={tmp_path}",
+            f"student_tokenizer={TOY_BASE}",
+            f"selection.decontam.eval_data_dir={EVAL}",
+            *(f"domains.science.sources.{i}.path={FIX / f}" for i, f in enumerate(files)),
+        ],
+        run_dir=tmp_path / "run",
+    )
+    stats = run(cfg)["stats"]["science"]
+    # 59K: 3 rows + 1 bad (crossword not selected); s1K: 3 (GPQA plant removed); OpenThoughts: 6 + 1 bad
+    assert stats["seeds"]["input"] == 4 + 3 + 7
+    assert stats["seeds"]["removed"]["bad_row"] == 2 and stats["seeds"]["removed"]["decontam"] == 1
+    assert stats["seeds"]["removed"]["select"] == 1 + 5  # the crossword; the five OpenThoughts code rows
+    assert stats["seeds"]["kept"] == len(asked) == 2 + 2 + 1 == stats["kept"]
+    assert not any("SI unit of force" in q for q in asked)
+    out = tmp_path / "data" / "branches" / "science" / "train.jsonl"
+    assert {r.domain for r in read_records(out, require_response=True)} == {"science"}
