@@ -135,6 +135,10 @@ def teacher_settings(t: Any) -> dict[str, Any]:
 def requests_for(seeds: list[Record], t: Any) -> list[GenRequest]:
     """One request of n samples per seed, or n requests of 1 (keys "<id>#<k>") with n_per_request=false."""
     out = []
+    ids = [s.id for s in seeds]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"seed id {dup!r} appears twice: request keys (and the journal) need unique ids")
     for s in seeds:
         upto = max(i for i, m in enumerate(s.messages) if m["role"] == "user")
         msgs = s.messages[: upto + 1]
