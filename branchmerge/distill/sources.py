@@ -121,6 +121,9 @@ def _openr1_math(row: dict, rid: str, instruction: str) -> Record:
     pick = ok[0] if ok else 0
     meta = {k: row.get(k) for k in ("question_type", "problem_type", "source", "uuid")}
     meta |= {"generation_index": pick, "n_generations": len(gens), "math_verify_correct": bool(ok)}
+    reasons = row.get("finish_reasons")
+    if isinstance(reasons, list) and len(reasons) == len(gens) and reasons[pick]:
+        meta["finish_reason"] = reasons[pick]  # "length": truncated, removed by the format filter
     return Record(
         id=f"openr1-math-{row.get('uuid') or rid}",
         domain="math",
