@@ -118,3 +118,26 @@ def test_paper_data_files_match_the_training_configs():
         assert data["train_files"] == [f"${{paths.data_dir}}/branches/{domain}/train.jsonl"]
         exp = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{domain}_data.yaml"))
         assert exp["output_dir"] == "${paths.data_dir}/branches" and list(exp["domains"]) == [domain]
+
+
+@pytest.mark.slow
+def test_math_verification_in_worker_processes_matches_the_main_thread():
+    from branchmerge.distill.verify import verify_all
+
+    answers = [("\\frac{3}{4}", "0.75"), ("7", "7"), ("12", "13"), ("", "1")]
+    recs = [
+        Record(
+            f"r{i}",
+            "math",
+            "t",
+            [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": f"<think>x</think> \\boxed{{{got}}}"},
+            ],
+            ref,
+        )
+        for i, (ref, got) in enumerate(answers)
+    ]
+    expected = [True, True, False, None]
+    assert verify_all(recs, "math", workers=1) == expected
+    assert verify_all(recs, "math", workers=2, process_batch=1) == expected
