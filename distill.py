@@ -1,6 +1,8 @@
 """Selective distillation: teacher traces per domain -> verified, filtered datasets in the record schema.
 
 python distill.py +experiment=toy_data        # the toy world (datasets + tokenizer), CPU, ~1 min
+python distill.py +experiment=toy_distill     # the selection pipeline on the toy world, CPU, ~10 s
+python distill.py +experiment=math_data       # the paper's branch datasets (also code_data, science_data)
 """
 
 import hydra
