@@ -63,7 +63,9 @@ def test_wrong_type_names_the_key():
 
 def test_bad_choice_names_the_key_and_choices():
     cfg = compose("distill", ["+experiment=toy_data", "teacher.name=gpt"])
-    with pytest.raises(ConfigError, match=r"teacher.name: 'gpt' is not one of \['toy'\]"):
+    with pytest.raises(
+        ConfigError, match=r"teacher.name: 'gpt' is not one of \['toy', 'openai', 'vllm', 'hf'\]"
+    ):
         validate(cfg, DistillConfig)
 
 
