@@ -22,12 +22,17 @@ def grade_math(response: str, answer: str) -> bool:
         return False
     if got.strip() == str(answer).strip():
         return True
+    import threading
+
     from math_verify import parse, verify
 
+    # math-verify's timeouts use SIGALRM, which only the main thread may set: elsewhere it silently
+    # returned False for every answer, so worker threads grade without the timeout.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        gold = parse(f"${answer}$")
-        pred = parse(f"$\\boxed{{{got}}}$")
-        return bool(gold and pred and verify(gold, pred))
+        gold = parse(f"${answer}$", parsing_timeout=timeout)
+        pred = parse(f"$\\boxed{{{got}}}$", parsing_timeout=timeout)
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
     except Exception:  # math-verify raises on unparsable LaTeX: an unparsable answer is wrong
         return False
 

@@ -53,3 +53,15 @@ def test_gpqa_options_shuffled_per_sample_with_recorded_seed():
     assert len(set(first_q)) > 1  # the correct letter moves between samples
     again = list(load_gpqa_diamond(str(FIX), n_samples=4, seed=0)["test"])
     assert [d["prompt"] for d in again] == [d["prompt"] for d in docs]
+
+
+def test_grade_math_works_off_the_main_thread():
+    """math-verify's SIGALRM timeout only works in the main thread; graders must not silently fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from branchmerge.eval.graders import grade_math
+
+    with ThreadPoolExecutor(2) as pool:
+        right = pool.submit(grade_math, r"so \boxed{0.75}", r"\frac{3}{4}").result()
+        wrong = pool.submit(grade_math, r"so \boxed{0.7}", r"\frac{3}{4}").result()
+    assert right is True and wrong is False
