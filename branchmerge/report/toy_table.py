@@ -9,7 +9,7 @@ from pathlib import Path
 DOMAINS = [("toy_math", "math"), ("toy_code", "code"), ("toy_science", "science")]
 
 
-def _scores(path: Path) -> dict[str, tuple[float, float]]:
+def scores_of(path: Path) -> dict[str, tuple[float, float]]:
     tasks = json.loads(path.read_text())["tasks"]
     return {k: (100 * v["pass@1"], 100 * v["stderr"]) for k, v in tasks.items()}
 
@@ -19,7 +19,7 @@ def write_toy_table(results: dict[str, Path], cost_s: dict[str, float], out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, path in results.items():
-        s = _scores(path)
+        s = scores_of(path)
         mean = sum(s[d][0] for d, _ in DOMAINS) / len(DOMAINS)
         rows.append((label, s, mean, cost_s.get(label)))
     head = "| model | " + " | ".join(n for _, n in DOMAINS) + " | mean | compute (CPU-s) |"
