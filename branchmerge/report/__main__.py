@@ -33,6 +33,7 @@ def sweep_main(argv: list[str]) -> None:
     ap.add_argument("sweep_dir", type=Path, help="a folder holding results.jsonl")
     ap.add_argument("--top", type=int, default=10, help="trials to print, best first")
     ap.add_argument("--minimize", action="store_true", help="lower objective is better")
+    ap.add_argument("--copy-best", type=Path, metavar="DEST", help="copy the best trial's merged model here")
     args = ap.parse_args(argv)
     rows = load_results(args.sweep_dir / "results.jsonl")
     if not rows:
@@ -45,6 +46,13 @@ def sweep_main(argv: list[str]) -> None:
     print(f"{len(rows)} trials ({sum(r['status'] != 'ok' for r in rows)} failed)")
     for p in plot_sweep(args.sweep_dir):
         print(f"wrote {p}")
+    if args.copy_best:
+        from branchmerge.sweep.results import copy_best
+
+        direction = "minimize" if args.minimize else "maximize"
+        print(
+            f"best trial's model copied to {copy_best(args.sweep_dir / 'results.jsonl', args.copy_best, direction)}"
+        )
 
 
 def _cell(v) -> str:

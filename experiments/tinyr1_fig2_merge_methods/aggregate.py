@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     print(to_markdown(rows, bench, other))
     ours = {r.model: r.ours for r in rows if r.ours}
     scores = {m: {BENCHMARKS.get(b, b): ours[m][b] for b in ours[m]} for m in ours}
-    png = plot_methods(scores, args.out / "fig2_merge_methods.png", f"Merge methods on math + science ({args.scale})")
+    png = plot_methods(
+        scores, args.out / "fig2_merge_methods.png", f"Merge methods on math + science ({args.scale})"
+    )
     print("wrote " + ", ".join(str(p) for p in [*paths.values(), png]))
 
 

@@ -20,7 +20,9 @@ def test_analysis_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("BRANCHMERGE_NOTEBOOK_OUT", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     text = "\n".join(
         o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
         for c in nb.cells

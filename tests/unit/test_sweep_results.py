@@ -1,0 +1,86 @@
+"""The sweep results table: rows replace by trial folder, the CSV is flat, keep-weights policies, Pareto."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from branchmerge.report.sweep_plots import pareto_front, swept_params
+from branchmerge.sweep.results import copy_best, flatten, load_results, record_trial
+from branchmerge.sweep.trial import objective_of
+
+
+def _trial(tmp_path, name, objective, status="ok", k=1.0):
+    run = tmp_path / name
+    model = run / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"w")
+    (model / "config.json").write_text("{}")
+    (model / "merge_provenance.json").write_text("{}")
+    scores = {
+        "toy_math": {"pass@1": objective, "stderr": 0.01},
+        "toy_code": {"pass@1": 1 - objective, "stderr": 0.02},
+    }
+    return {
+        "trial": name,
+        "status": status,
+        "error": None if status == "ok" else "ValueError: boom",
+        "params": {"steps.0.params.k": k},
+        "scores": scores if status == "ok" else {},
+        "objective": objective,
+        "metric": "toy_math",
+        "run_dir": str(run),
+        "model_dir": str(model),
+    }
+
+
+def test_keep_best_keeps_exactly_the_best_trials_weights(tmp_path):
+    path = tmp_path / "results.jsonl"
+    for name, obj in [("a", 0.3), ("b", 0.5), ("c", 0.4), ("d", 0.6)]:
+        record_trial(path, _trial(tmp_path, name, obj), "best", "maximize")
+    rows = load_results(path)
+    assert [r["trial"] for r in rows if r["weights_kept"]] == ["d"]
+    for r in rows:
+        model = tmp_path / r["trial"] / "model"
+        assert (model / "model.safetensors").exists() == (r["trial"] == "d")
+        assert (model / "config.json").exists()  # only the weights go
+        # a folder without weights is no longer a finished merge that merge.py would reuse
+        assert (model / "merge_provenance.json").exists() == (r["trial"] == "d")
+    assert (tmp_path / "best").exists() is False
+    copy_best(path, tmp_path / "best")
+    assert (tmp_path / "best" / "model.safetensors").exists()
+
+
+def test_minimize_none_failures_and_rerun_of_a_trial(tmp_path):
+    path = tmp_path / "results.jsonl"
+    record_trial(path, _trial(tmp_path, "a", 0.3), "best", "minimize")
+    record_trial(path, _trial(tmp_path, "b", 0.1), "best", "minimize")
+    record_trial(path, _trial(tmp_path, "c", -1.0, status="failed"), "best", "minimize")
+    rows = load_results(path)
+    assert [(r["trial"], r["weights_kept"]) for r in rows] == [("a", False), ("b", True), ("c", False)]
+    record_trial(path, _trial(tmp_path, "e", 0.2), "none", "maximize")
+    assert not (tmp_path / "e" / "model" / "model.safetensors").exists()
+    # the same trial folder scored again replaces its row instead of adding one
+    (tmp_path / "a" / "model").rename(tmp_path / "a" / "old")
+    record_trial(path, _trial(tmp_path, "a", 0.05), "all", "minimize")
+    rows = load_results(path)
+    assert len(rows) == 4 and rows[-1]["trial"] == "a" and rows[-1]["objective"] == 0.05
+    flat = flatten(rows)
+    assert flat[-1]["steps.0.params.k"] == 1.0 and flat[-1]["toy_code"] == pytest.approx(0.95)
+    csv = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv) == 5 and csv[0].split(",")[:3] == ["trial", "status", "steps.0.params.k"]
+    failed = [json.loads(line) for line in path.read_text().splitlines() if '"failed"' in line]
+    assert [(r["trial"], r["error"]) for r in failed] == [("c", "ValueError: boom")]
+
+
+def test_objective_and_pareto_front():
+    scores = {"toy_math": {"pass@1": 0.2, "stderr": 0.0}, "toy_code": {"pass@1": 0.4, "stderr": 0.0}}
+    assert objective_of(scores, "mean") == pytest.approx(0.3)
+    assert objective_of(scores, "toy_code") == 0.4
+    with pytest.raises(ValueError, match="toy_science.*'mean' or one of"):
+        objective_of(scores, "toy_science")
+    pts = [(1, 5), (2, 4), (2, 3), (0, 0), (3, 1), (2, 4)]
+    assert pareto_front(pts) == [0, 1, 4, 5]  # (2,3) and (0,0) are dominated; equal points both stay
+    rows = [{"params": {"k": 1, "s": "x", "w": 0.5}}, {"params": {"k": 2, "s": "y", "w": 0.5}}]
+    assert swept_params(rows) == ["k"]
