@@ -39,7 +39,7 @@ def sweep_main(argv: list[str]) -> None:
     if not rows:
         ap.error(f"no results.jsonl with trials in {args.sweep_dir}")
     flat = sorted(flatten(rows), key=lambda r: r["objective"], reverse=not args.minimize)
-    cols = [c for c in flat[0] if c not in ("error",) and not c.endswith("_stderr")]
+    cols = [c for c in flat[0] if c not in ("error", "trial") and not c.endswith("_stderr")]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in flat[: args.top]:
         print("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
