@@ -86,6 +86,8 @@ class BranchSFT(L.LightningModule):
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
         self.model.config.use_cache = False
+        if cfg.trainer.compile:  # in place: parameter names (checkpoints, export) stay unprefixed
+            self.model.compile()
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     def configure_optimizers(self):
