@@ -205,6 +205,18 @@ def test_record_without_assistant_turn(tmp_path, toy_world):
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, toy_world, overrides, message):
-    proc = run_train(tmp_path, toy_world, "run_name=bad", *overrides, check=False)
+    """In process (the same `train` that train.py calls; the CLI boundary is checked just below)."""
+    from branchmerge.train.run import train
+    from tests.conftest import compose
+
+    common = [f"paths.output_dir={tmp_path}", f"paths.toy_dir={toy_world}", *BASE, "run_name=bad"]
+    with pytest.raises(Exception) as err:
+        train(compose("train", [*common, *overrides], run_dir=tmp_path / "train" / "bad"))
+    assert message in str(err.value)
+    assert not (tmp_path / "train" / "bad" / "export").exists()
+
+
+def test_bad_input_through_the_cli_exits_nonzero_with_the_message(tmp_path, toy_world):
+    proc = run_train(tmp_path, toy_world, "run_name=bad", "+trainer.max_stepz=3", check=False)
     assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
+    assert "trainer.max_stepz: unknown key; did you mean 'trainer.max_steps'?" in proc.stderr + proc.stdout
