@@ -149,6 +149,27 @@ def _reuse_freed_memory() -> None:
         pass
 
 
+# exponent bits of IEEE formats: a value is NaN or Inf iff they are all set
+_EXPONENT = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+}
+
+
+def all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
+    """No NaN/Inf in t: max(bits & exponent_mask) < exponent_mask over cache-sized blocks (one integer
+    pass at memory speed; 20x cheaper than a float64 sum of bf16 on CPU). This is also the read: it
+    touches every page of the memory-mapped tensor in the reader thread."""
+    if t.dtype not in _EXPONENT or t.numel() == 0:
+        return bool(torch.isfinite(t).all())
+    view, mask = _EXPONENT[t.dtype]
+    bits = t.reshape(-1).view(view)
+    return all(
+        int(torch.bitwise_and(bits[i : i + block], mask).max()) < mask for i in range(0, bits.numel(), block)
+    )
+
+
 class Merger:
     def __init__(self, models: dict[str, Path], steps: list[Step], options: MergeOptions) -> None:
         _reuse_freed_memory()
@@ -180,10 +201,7 @@ class Merger:
     def _read(self, model: str, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         ck = self.ckpts[model]
         t = ck.tensor(name) if rows is None else ck.rows(name, *rows)
-        # a sum is non-finite iff some entry is NaN/Inf (or the sum overflows: then look exactly); one
-        # vectorised pass, ~40x cheaper than isfinite().all() on CPU
-        check = self.opt.check_finite and t.is_floating_point()
-        if check and not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
+        if self.opt.check_finite and t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{ck.info[name].file}: tensor '{name}' contains NaN or Inf")
         return t
 
@@ -202,17 +220,24 @@ class Merger:
         if step.name in memo:
             return memo[step.name]
 
+        casts = step.method.casts_inputs  # takes stored dtypes and casts block by block itself
+
         def value(ref: str) -> torch.Tensor:
             if ref in self.by_name:
                 return self._eval(self.by_name[ref], name, raw, memo, rows)
+            stored = memo.setdefault(f"stored:{ref}", raw[ref].to(self.device))
+            if casts:
+                return stored
             key = f"input:{ref}"
-            if key not in memo:  # convert once, then let the stored-dtype copy go
-                memo[key] = raw.pop(ref).to(self.device, self.compute)
+            if key not in memo:  # convert once
+                memo[key] = stored.to(self.compute)
             return memo[key]
 
         tensors = [value(i.ref) for i in step.inputs]
         base = value(step.base) if step.base else None
         params = step_params(step, name, self.n_layers)
+        if casts:
+            params["dtype"] = self.compute
         if step.method.needs_importance:
             imp = [self.importance[i.ref].tensor(name) for i in step.inputs]
             if rows is not None:

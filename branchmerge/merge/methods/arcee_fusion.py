@@ -11,7 +11,7 @@ For base B and one other model R (a 1-D tensor is one row):
     τ = median + k · (Q3 − Q1),  k = 1.5
     W = B + 1[S ≥ τ] ⊙ Δ
 The code is what produced the paper's numbers, not its equations (whole-tensor KL, signed delta).
-Work is done in row blocks, so the temporaries stay a fraction of the tensor's size.
+Work is done in blocks of rows, cast from the stored dtype per block, so no temporary is ever full size.
 """
 
 from __future__ import annotations
@@ -22,22 +22,27 @@ from branchmerge.merge.methods import Method, register
 from branchmerge.merge.methods.sparse import tensor_seed
 
 SAMPLE = 1_000_000
-ROW_BLOCK_ELEMENTS = 1 << 22
+ROW_BLOCK_ELEMENTS = 1 << 18  # blocks of rows of about 1 MB in fp32: temporaries stay in cache
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1) if t.dim() <= 1 else t.reshape(-1, t.shape[-1])
 
 
-def row_kl(r: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """κ per row of the 2-D views of r and b (computed in blocks of rows)."""
+def _row_spans(t2: torch.Tensor):
+    step = max(1, ROW_BLOCK_ELEMENTS // t2.shape[1])
+    return ((i, min(i + step, t2.shape[0])) for i in range(0, t2.shape[0], step))
+
+
+def row_kl(r: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """κ per row of the 2-D views of r and b, in `dtype` (default b's), block by block of rows."""
+    dtype = dtype or b.dtype
     r2, b2 = _rows(r), _rows(b)
-    out = torch.empty(r2.shape[0], dtype=r.dtype, device=r.device)
-    step = max(1, ROW_BLOCK_ELEMENTS // r2.shape[1])
-    for i in range(0, r2.shape[0], step):
-        p = torch.softmax(r2[i : i + step], dim=-1) + 1e-8
-        q = torch.softmax(b2[i : i + step], dim=-1) + 1e-8
-        out[i : i + step] = (p * (p.log() - q.log())).sum(-1)
+    out = torch.empty(r2.shape[0], dtype=dtype, device=r.device)
+    for i, j in _row_spans(r2):
+        p = torch.softmax(r2[i:j].to(dtype), dim=-1).add_(1e-8)
+        q = torch.softmax(b2[i:j].to(dtype), dim=-1).add_(1e-8)
+        out[i:j] = p.log().sub_(q.log_()).mul_(p).sum(-1)  # Σ P·(log P − log Q)
     return out
 
 
@@ -48,42 +53,58 @@ def quantiles(values: torch.Tensor, qs: list[float]) -> list[torch.Tensor]:
     return [torch.kthvalue(flat, int(q * (m - 1)) + 1).values for q in qs]
 
 
-def importance_threshold(delta: torch.Tensor, kappa: torch.Tensor, k: float, seed: int) -> torch.Tensor:
-    """τ = median + k·IQR of S = |Δ|·κ_row, on seeded subsamples when S has more than 10⁶ elements."""
-    d2 = _rows(delta)
-    n = d2.numel()
+def _threshold(n: int, width: int, delta_at, kappa: torch.Tensor, k: float, seed: int) -> torch.Tensor:
+    """τ = median + k·IQR of S = |Δ|·κ_row, where `delta_at(idx)` gives Δ at flat indices (None: all);
+    on two seeded subsamples of 10⁶ when S has more than 10⁶ elements."""
     if n <= SAMPLE:
-        s = (d2.abs() * kappa[:, None]).reshape(-1)
+        s = (_rows(delta_at(None).reshape(-1, width)).abs() * kappa[:, None]).reshape(-1)
         q1, med, q3 = quantiles(s, [0.25, 0.5, 0.75])
     else:
         g = torch.Generator(device="cpu").manual_seed(seed)
-        width = d2.shape[1]
-        flat = d2.reshape(-1)
 
         def sample() -> torch.Tensor:
-            idx = torch.randint(n, (SAMPLE,), generator=g).to(delta.device)
-            return flat[idx].abs() * kappa[idx // width]
+            idx = torch.randint(n, (SAMPLE,), generator=g).to(kappa.device)
+            return delta_at(idx).abs() * kappa[idx // width]
 
         (med,) = quantiles(sample(), [0.5])
         q1, q3 = quantiles(sample(), [0.25, 0.75])
     return med + k * (q3 - q1)
 
 
+def importance_threshold(delta: torch.Tensor, kappa: torch.Tensor, k: float, seed: int) -> torch.Tensor:
+    """τ for a materialised Δ (see `_threshold`)."""
+    d2 = _rows(delta)
+    flat = d2.reshape(-1)
+    return _threshold(d2.numel(), d2.shape[1], lambda idx: flat if idx is None else flat[idx], kappa, k, seed)
+
+
 def arcee_fusion(
-    tensors: list[torch.Tensor], base: torch.Tensor, *, k: float = 1.5, seed: int = 0, tensor_name: str = ""
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    k: float = 1.5,
+    seed: int = 0,
+    tensor_name: str = "",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
+    """Two streaming passes over blocks of rows (κ, then the mask); Δ is never held whole."""
     (other,) = tensors
-    delta = other - base
-    kappa = row_kl(other, base)
-    tau = importance_threshold(delta, kappa, k, tensor_seed(seed, tensor_name, 0))
-    out = base.clone()
-    d2, o2 = _rows(delta), _rows(out)
-    step = max(1, ROW_BLOCK_ELEMENTS // d2.shape[1])
-    for i in range(0, d2.shape[0], step):
-        block = d2[i : i + step]
-        keep = block.abs() * kappa[i : i + step, None] >= tau
-        o2[i : i + step] += block * keep
-    return out
+    dtype = dtype or base.dtype
+    r2, b2 = _rows(other), _rows(base)
+    kappa = row_kl(r2, b2, dtype)
+    rf, bf = r2.reshape(-1), b2.reshape(-1)
+
+    def delta_at(idx):
+        return rf.to(dtype) - bf.to(dtype) if idx is None else rf[idx].to(dtype) - bf[idx].to(dtype)
+
+    tau = _threshold(bf.numel(), b2.shape[1], delta_at, kappa, k, tensor_seed(seed, tensor_name, 0))
+    out = torch.empty(b2.shape, dtype=dtype, device=base.device)
+    for i, j in _row_spans(b2):
+        bb = b2[i:j].to(dtype)
+        d = r2[i:j].to(dtype, copy=True).sub_(bb)
+        keep = d.abs().mul_(kappa[i:j, None]) >= tau  # S ≥ τ
+        torch.add(bb, d.mul_(keep), out=out[i:j])
+    return out.reshape(base.shape)
 
 
 register(
@@ -95,6 +116,7 @@ register(
         max_models=1,
         global_params={"k": 1.5, "seed": 0},
         takes_name=True,
+        casts_inputs=True,
         doc=__doc__,
     )
 )

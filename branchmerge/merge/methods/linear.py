@@ -11,13 +11,19 @@ from branchmerge.merge.methods import Method, register
 
 
 def linear(
-    tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool = True
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    normalize: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
+    """The sum in `dtype` (default: the first input's); inputs may be stored narrower (bf16)."""
     total = sum(weight)
     if normalize and total == 0:
         raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
     scale = [w / total for w in weight] if normalize else list(weight)
-    out = tensors[0] * scale[0]  # one pass per input, no zero-fill and no final division
+    out = tensors[0].to(dtype or tensors[0].dtype, copy=True).mul_(scale[0])  # one pass per input
     for t, w in zip(tensors[1:], scale[1:]):
         out.add_(t, alpha=w)
     return out
@@ -32,6 +38,7 @@ register(
         model_params={"weight": 1.0},
         global_params={"normalize": True},
         row_separable=True,
+        casts_inputs=True,
         doc=__doc__,
     )
 )
