@@ -77,7 +77,12 @@ def importance_threshold(delta: torch.Tensor, kappa: torch.Tensor, k: float, see
     d2 = _rows(delta)
     flat = d2.reshape(-1)
     return _threshold(
-        d2.numel(), d2.shape[1], lambda idx: flat if idx is None else flat.index_select(0, idx), kappa, k, seed
+        d2.numel(),
+        d2.shape[1],
+        lambda idx: flat if idx is None else flat.index_select(0, idx),
+        kappa,
+        k,
+        seed,
     )
 
 

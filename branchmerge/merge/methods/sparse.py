@@ -73,7 +73,13 @@ def kth_largest(values: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     n = flat.numel()
     if n <= SMALL:
         return torch.kthvalue(flat, n - k + 1).values
-    return _select(n, k, seed, lambda idx: flat.index_select(0, idx.to(flat.device)), lambda: (flat[a:b] for a, b in spans(n)))
+    return _select(
+        n,
+        k,
+        seed,
+        lambda idx: flat.index_select(0, idx.to(flat.device)),
+        lambda: (flat[a:b] for a, b in spans(n)),
+    )
 
 
 def _at(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -219,7 +225,9 @@ def _combine(ds: list[torch.Tensor], weight: list[float], consensus: str | None,
     return total.div_(den)
 
 
-_COMMON = dict(needs_base=True, takes_name=True, casts_inputs=True, model_params={"weight": 1.0, "density": 1.0})
+_COMMON = dict(
+    needs_base=True, takes_name=True, casts_inputs=True, model_params={"weight": 1.0, "density": 1.0}
+)
 register(
     Method(
         "ties",
