@@ -276,8 +276,9 @@ class Merger:
                 total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not self.opt.progress
             )
             work = [(n, rows) for n in self.names for rows in self._blocks(n)]
-            # three stages overlap: read tensor k+1 | merge tensor k | write tensor k-1
-            with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+            # three stages overlap: read (+ check) tensor k+1 | merge tensor k | cast + write tensor k-1
+            one = dict(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))  # no OpenMP spinning
+            with ThreadPoolExecutor(**one) as reader, ThreadPoolExecutor(**one) as writer:
                 nxt = reader.submit(self._fetch, *work[0])
                 pending = None
                 for k, (name, rows) in enumerate(work):
@@ -286,11 +287,11 @@ class Merger:
                         nxt = reader.submit(self._fetch, *work[k + 1])
                     memo: dict[str, torch.Tensor] = {}
                     self._eval(self.steps[-1], name, raw, memo, rows)
-                    outs = {s: memo[s].to(out_dtype[name]).cpu() for s in writers}
+                    outs = {s: memo[s] for s in writers}
                     del raw, memo
                     if pending is not None:
                         pending.result()  # at most one output waits for the disk
-                    pending = writer.submit(self._write, writers, name, outs, bar)
+                    pending = writer.submit(self._write, writers, name, outs, out_dtype[name], bar)
                 if pending is not None:
                     pending.result()
             bar.close()
@@ -313,10 +314,11 @@ class Merger:
         return record
 
     @staticmethod
-    def _write(writers: dict[str, ShardWriter], name: str, outs: dict[str, torch.Tensor], bar) -> None:
+    def _write(writers: dict[str, ShardWriter], name: str, outs: dict[str, torch.Tensor], dtype, bar) -> None:
+        """Cast to the output dtype and append (in the writer thread: overlaps the next merge)."""
         for step_name, w in writers.items():
-            w.write(name, outs[step_name])
-        out = next(iter(outs.values()))
+            out = outs[step_name].to(dtype).cpu()
+            w.write(name, out)
         bar.update(out.numel() * out.element_size())
 
     def _copy_source(self) -> Checkpoint:

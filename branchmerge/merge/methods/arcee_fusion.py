@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from branchmerge.merge.methods import Method, register
+from branchmerge.merge.methods.blocks import map_blocks
 from branchmerge.merge.methods.sparse import kth_largest, tensor_seed
 
 SAMPLE = 1_000_000
@@ -54,18 +55,33 @@ def quantiles(values: torch.Tensor, qs: list[float]) -> list[torch.Tensor]:
     return [kth_largest(flat, m - int(q * (m - 1))) for q in qs]
 
 
-def _threshold(n: int, width: int, delta_at, kappa: torch.Tensor, k: float, seed: int) -> torch.Tensor:
-    """τ = median + k·IQR of S = |Δ|·κ_row, where `delta_at(idx)` gives Δ at flat indices (None: all);
-    on two seeded subsamples of 10⁶ when S has more than 10⁶ elements."""
+def _importance(r2: torch.Tensor, b2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """S = |R − B| · κ_row for the 2-D views, in one block-parallel pass over blocks of rows (κ as
+    `row_kl`)."""
+    s = torch.empty(b2.shape, dtype=dtype, device=b2.device)
+
+    def block(i: int, j: int) -> None:
+        rr, bb = r2[i:j].to(dtype), b2[i:j].to(dtype)
+        p = torch.softmax(rr, dim=-1).add_(1e-8)
+        q = torch.softmax(bb, dim=-1).add_(1e-8)
+        kappa = p.log().sub_(q.log_()).mul_(p).sum(-1, keepdim=True)
+        torch.sub(rr, bb, out=s[i:j]).abs_().mul_(kappa)
+
+    map_blocks(block, _row_spans(b2))
+    return s
+
+
+def _tau(s: torch.Tensor, k: float, seed: int) -> torch.Tensor:
+    """τ = median + k·IQR of the values s (flat), on two seeded subsamples of 10⁶ (drawn with
+    replacement; the median from the first, the quartiles from the second) when there are more."""
+    n = s.numel()
     if n <= SAMPLE:
-        s = (_rows(delta_at(None).reshape(-1, width)).abs() * kappa[:, None]).reshape(-1)
         q1, med, q3 = quantiles(s, [0.25, 0.5, 0.75])
     else:
         g = torch.Generator(device="cpu").manual_seed(seed)
 
         def sample() -> torch.Tensor:
-            idx = torch.randint(n, (SAMPLE,), generator=g).to(kappa.device)
-            return delta_at(idx).abs() * kappa.index_select(0, idx // width)
+            return s.index_select(0, torch.randint(n, (SAMPLE,), generator=g).to(s.device))
 
         (med,) = quantiles(sample(), [0.5])
         q1, q3 = quantiles(sample(), [0.25, 0.75])
@@ -73,17 +89,8 @@ def _threshold(n: int, width: int, delta_at, kappa: torch.Tensor, k: float, seed
 
 
 def importance_threshold(delta: torch.Tensor, kappa: torch.Tensor, k: float, seed: int) -> torch.Tensor:
-    """τ for a materialised Δ (see `_threshold`)."""
-    d2 = _rows(delta)
-    flat = d2.reshape(-1)
-    return _threshold(
-        d2.numel(),
-        d2.shape[1],
-        lambda idx: flat if idx is None else flat.index_select(0, idx),
-        kappa,
-        k,
-        seed,
-    )
+    """τ for a materialised Δ and its rows' κ (see `_tau`)."""
+    return _tau((_rows(delta).abs() * kappa[:, None]).reshape(-1), k, seed)
 
 
 def arcee_fusion(
@@ -95,26 +102,22 @@ def arcee_fusion(
     tensor_name: str = "",
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Two streaming passes over blocks of rows (κ, then the mask); Δ is never held whole."""
+    """Two streaming passes over blocks of rows: S (and κ), then the mask, written over S in place
+    (the only full-size temporary is S, which becomes the output)."""
     (other,) = tensors
     dtype = dtype or base.dtype
     r2, b2 = _rows(other), _rows(base)
-    kappa = row_kl(r2, b2, dtype)
-    rf, bf = r2.reshape(-1), b2.reshape(-1)
+    s = _importance(r2, b2, dtype)
+    tau = _tau(s.reshape(-1), k, tensor_seed(seed, tensor_name, 0))
 
-    def delta_at(idx):
-        if idx is None:
-            return rf.to(dtype) - bf.to(dtype)
-        return rf.index_select(0, idx).to(dtype) - bf.index_select(0, idx).to(dtype)
-
-    tau = _threshold(bf.numel(), b2.shape[1], delta_at, kappa, k, tensor_seed(seed, tensor_name, 0))
-    out = torch.empty(b2.shape, dtype=dtype, device=base.device)
-    for i, j in _row_spans(b2):
+    def block(i: int, j: int) -> None:
         bb = b2[i:j].to(dtype)
         d = r2[i:j].to(dtype, copy=True).sub_(bb)
-        keep = d.abs().mul_(kappa[i:j, None]) >= tau  # S ≥ τ
-        torch.add(bb, d.mul_(keep), out=out[i:j])
-    return out.reshape(base.shape)
+        keep = s[i:j] >= tau  # S ≥ τ
+        torch.add(bb, d.mul_(keep), out=s[i:j])
+
+    map_blocks(block, _row_spans(b2))
+    return s.reshape(base.shape)
 
 
 register(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from branchmerge.merge.methods import Method, register
+from branchmerge.merge.methods.blocks import map_blocks, spans
 
 
 def linear(
@@ -23,10 +24,17 @@ def linear(
     if normalize and total == 0:
         raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
     scale = [w / total for w in weight] if normalize else list(weight)
-    out = tensors[0].to(dtype or tensors[0].dtype, copy=True).mul_(scale[0])  # one pass per input
-    for t, w in zip(tensors[1:], scale[1:]):
-        out.add_(t, alpha=w)
-    return out
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty(flat[0].numel(), dtype=dtype or tensors[0].dtype, device=tensors[0].device)
+
+    def block(a: int, z: int) -> None:  # one pass per input, in cache-sized blocks
+        o = out[a:z]
+        o.copy_(flat[0][a:z]).mul_(scale[0])  # cast first: bf16 · scalar would round in bf16
+        for t, w in zip(flat[1:], scale[1:]):
+            o.add_(t[a:z], alpha=w)
+
+    map_blocks(block, spans(out.numel()))
+    return out.reshape(tensors[0].shape)
 
 
 register(

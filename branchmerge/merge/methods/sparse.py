@@ -8,16 +8,17 @@ method configured three ways.
                random (DARE, Yu et al. 2024, arXiv 2311.03099): keep each entry with probability
                p = density, rescale kept entries by 1/p. The draw is u < p·2^b for uniform b-bit
                integers u (b = 8, 16 or 32: the fewest bits in which p is exact, so p = 0.5 costs one
-               random byte per entry; other p are rounded to a multiple of 2^-32), from a stream
-               seeded per tensor name and model, so it never depends on processing order or blocks.
+               random byte per entry; other p are rounded to a multiple of 2^-32), seeded per tensor
+               name, model and block of BLOCK entries, so it never depends on order or threads.
     consensus  sign (TIES): s = sign(Σ_i w_i Δ̂_i); keep only entries with sign(w_i Δ̂_i) = s ≠ 0;
                none: keep all.
     W = B + λ · Σ_i w_i m_i Δ̂_i / D,   D = Σ_i w_i m_i (normalize; 1 where no model contributes)
                                        D = 1 (no normalize)
     where m_i marks the entries of model i kept by the consensus (nonzero after sparsification).
 Everything after the thresholds is element-wise, so both passes (thresholds, then the merge) stream
-over the flattened tensors in cache-sized blocks: inputs may arrive in their stored dtype (bf16) and
-are cast per block, so no full-size temporary is ever made besides the output.
+over the flattened tensors in cache-sized blocks, spread over threads (`blocks.map_blocks`): inputs may
+arrive in their stored dtype (bf16) and are cast per block, so no full-size temporary is ever made
+besides the output.
 """
 
 from __future__ import annotations
@@ -28,14 +29,10 @@ import zlib
 import torch
 
 from branchmerge.merge.methods import Method, register
+from branchmerge.merge.methods.blocks import BLOCK, map_blocks, spans
 
-BLOCK = 1 << 18  # elements per block (1 MB in fp32): the ~10 live temporaries stay in L2/L3 cache
 SAMPLE = 1 << 16
 SMALL = 1 << 18  # below this a full selection is cheaper than sampling + counting
-
-
-def spans(n: int, block: int = BLOCK):
-    return ((i, min(i + block, n)) for i in range(0, n, block))
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
@@ -43,10 +40,10 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % (2**63)
 
 
-def _select(n: int, k: int, seed: int, at, blocks) -> torch.Tensor:
-    """The exact k-th largest of n values, given `at(idx)` (values at indices) and `blocks()` (all
-    values, block by block): a seeded sample brackets the answer, one counting pass confirms the
-    bracket and keeps only its ~2% of entries, which are selected on. Widens the bracket if it
+def _select(n: int, k: int, seed: int, at, block) -> torch.Tensor:
+    """The exact k-th largest of n values, given `at(idx)` (values at indices) and `block(a, z)`
+    (values a..z−1): a seeded sample brackets the answer, one counting pass (block-parallel) confirms
+    the bracket and keeps only its ~2% of entries, which are selected on. Widens the bracket if it
     missed (then, at worst, selects over everything)."""
     g = torch.Generator().manual_seed(seed)
     sample = at(torch.randint(n, (SAMPLE,), generator=g))
@@ -55,15 +52,18 @@ def _select(n: int, k: int, seed: int, at, blocks) -> torch.Tensor:
     while margin < 1:
         lo = torch.kthvalue(sample, max(1, int((q - margin) * SAMPLE))).values
         hi = torch.kthvalue(sample, min(SAMPLE, int((q + margin) * SAMPLE) + 1)).values
-        above, inside = 0, []
-        for v in blocks():
-            above += int(torch.count_nonzero(v > hi))
-            inside.append(v[(v >= lo) & (v <= hi)])
-        kept = torch.cat(inside)
+
+        def count(a: int, z: int, lo=lo, hi=hi) -> tuple[int, torch.Tensor]:
+            v = block(a, z)
+            return int(torch.count_nonzero(v > hi)), v[(v >= lo) & (v <= hi)]
+
+        parts = map_blocks(count, spans(n))
+        above = sum(c for c, _ in parts)
+        kept = torch.cat([v for _, v in parts])
         if above < k <= above + kept.numel():
             return torch.kthvalue(kept, kept.numel() - (k - above) + 1).values
         margin *= 4
-    everything = torch.cat(list(blocks()))
+    everything = torch.cat(map_blocks(block, spans(n)))
     return torch.kthvalue(everything, n - k + 1).values
 
 
@@ -73,13 +73,7 @@ def kth_largest(values: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     n = flat.numel()
     if n <= SMALL:
         return torch.kthvalue(flat, n - k + 1).values
-    return _select(
-        n,
-        k,
-        seed,
-        lambda idx: flat.index_select(0, idx.to(flat.device)),
-        lambda: (flat[a:b] for a, b in spans(n)),
-    )
+    return _select(n, k, seed, lambda idx: flat.index_select(0, idx.to(flat.device)), lambda a, z: flat[a:z])
 
 
 def _at(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -108,16 +102,17 @@ def magnitude_threshold(
     if n <= SMALL:
         return float(torch.kthvalue(_abs_delta(tf, bf, dtype), n - k + 1).values)
 
-    def blocks():
-        return (_abs_delta(tf[a:b], bf[a:b], dtype) for a, b in spans(n))
+    def block(a: int, z: int) -> torch.Tensor:
+        return _abs_delta(tf[a:z], bf[a:z], dtype)
 
-    return float(_select(n, k, seed, lambda idx: _abs_delta(_at(tf, idx), _at(bf, idx), dtype), blocks))
+    return float(_select(n, k, seed, lambda idx: _abs_delta(_at(tf, idx), _at(bf, idx), dtype), block))
 
 
 class KeepMask:
-    """Bernoulli(p) keep decisions, n at a time, from a seeded stream of random bits (see the module
-    docstring): b-bit words u uniform on their whole range, kept iff u < p·2^b (a signed view shifts
-    both sides by 2^(b−1), which keeps the words uniform and the probability p)."""
+    """Bernoulli(p) keep decisions for block number i of BLOCK entries, from random bits seeded by
+    (seed, i) (see the module docstring): b-bit words u uniform on their whole range, kept iff
+    u < p·2^b (a signed view shifts both sides by 2^(b−1), which keeps the words uniform and the
+    probability p). Seeding per block makes the draw independent of which thread runs the block."""
 
     def __init__(self, p: float, seed: int) -> None:
         for bits in (8, 16, 32):
@@ -126,21 +121,22 @@ class KeepMask:
         self.view = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[bits]
         self.bytes = bits // 8
         self.limit = round(p * 2**bits) - (0 if bits == 8 else 2 ** (bits - 1))
-        self.g = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
-    def __call__(self, n: int) -> torch.Tensor:
+    def __call__(self, i: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (i + 1)) % 2**63)
         words = torch.empty(-(-n * self.bytes // 8), dtype=torch.int64)
-        words.random_(-(2**63), None, generator=self.g)  # all 64 bits uniform
+        words.random_(-(2**63), None, generator=g)  # all 64 bits uniform
         return words.view(self.view)[:n] < self.limit
 
 
-def _sparsified(t, bb, dtype, thr, mask, p, rescale, w) -> torch.Tensor:
-    """w · Δ̂ for one block of one model (a new tensor in `dtype`)."""
+def _sparsified(t, bb, dtype, thr, mask, p, rescale, w, i) -> torch.Tensor:
+    """w · Δ̂ for block number i of one model (a new tensor in `dtype`)."""
     d = t.to(dtype, copy=True).sub_(bb)
     if thr is not None:
         d.mul_(d.abs() >= thr)
     elif mask is not None:
-        d.mul_(mask(d.numel()).to(d.device))
+        d.mul_(mask(i, d.numel()).to(d.device))
         if rescale:
             d.div_(p)
     elif p == 0:
@@ -188,16 +184,19 @@ def sparse_task_arithmetic(
     flat = [t.reshape(-1) for t in tensors]
     b = base.reshape(-1)
     out = torch.empty(b.numel(), dtype=dtype, device=base.device)
-    for a, z in spans(b.numel()):
+
+    def merge_block(a: int, z: int) -> None:
         bb = b[a:z].to(dtype)
         ds = [
-            _sparsified(t[a:z], bb, dtype, thr, m, p, rescale, w)
+            _sparsified(t[a:z], bb, dtype, thr, m, p, rescale, w, a // BLOCK)
             for t, thr, m, p, w in zip(flat, thresholds, masks, density, weight)
         ]
         merged = _combine(ds, weight, consensus, normalize)
         if lambda_ != 1:
             merged.mul_(lambda_)
         torch.add(bb, merged, out=out[a:z])
+
+    map_blocks(merge_block, spans(b.numel()))
     return out.reshape(base.shape)
 
 
