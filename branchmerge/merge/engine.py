@@ -196,14 +196,24 @@ class Merger:
                         )
                     self.importance[i.ref] = _Importance(_importance_file(self.ckpts[i.ref].path), self.names)
         self.by_name = {s.name: s for s in steps}
+        # when every step turns a NaN/Inf input into a NaN/Inf output, checking the (smaller, cached)
+        # output replaces a pass over every input; a non-finite output then names the input at fault
+        self.check_outputs = options.check_finite and all(s.method.nonfinite_propagates for s in steps)
 
     # ---- reading ---------------------------------------------------------------------------------
     def _read(self, model: str, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         ck = self.ckpts[model]
         t = ck.tensor(name) if rows is None else ck.rows(name, *rows)
-        if self.opt.check_finite and t.is_floating_point() and not all_finite(t):
+        if self.opt.check_finite and not self.check_outputs and t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{ck.info[name].file}: tensor '{name}' contains NaN or Inf")
         return t
+
+    def _check_inputs(self, name: str, rows: tuple[int, int] | None) -> None:
+        """After a non-finite output: find the input that has the NaN/Inf (raises), else it overflowed."""
+        for ck in self.ckpts.values():
+            t = ck.tensor(name) if rows is None else ck.rows(name, *rows)
+            if t.is_floating_point() and not all_finite(t):
+                raise CheckpointError(f"{ck.info[name].file}: tensor '{name}' contains NaN or Inf")
 
     def _fetch(self, name: str, rows: tuple[int, int] | None) -> dict[str, torch.Tensor]:
         return {m: self._read(m, name, rows) for m in self.ckpts}
@@ -291,7 +301,7 @@ class Merger:
                     del raw, memo
                     if pending is not None:
                         pending.result()  # at most one output waits for the disk
-                    pending = writer.submit(self._write, writers, name, outs, out_dtype[name], bar)
+                    pending = writer.submit(self._write, writers, name, rows, outs, out_dtype[name], bar)
                 if pending is not None:
                     pending.result()
             bar.close()
@@ -313,11 +323,12 @@ class Merger:
         )
         return record
 
-    @staticmethod
-    def _write(writers: dict[str, ShardWriter], name: str, outs: dict[str, torch.Tensor], dtype, bar) -> None:
+    def _write(self, writers: dict[str, ShardWriter], name: str, rows, outs: dict, dtype, bar) -> None:
         """Cast to the output dtype and append (in the writer thread: overlaps the next merge)."""
         for step_name, w in writers.items():
             out = outs[step_name].to(dtype).cpu()
+            if self.check_outputs and out.is_floating_point() and not all_finite(out):
+                self._check_inputs(name, rows)
             w.write(name, out)
         bar.update(out.numel() * out.element_size())
 

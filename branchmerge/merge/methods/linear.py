@@ -25,11 +25,14 @@ def linear(
         raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
     scale = [w / total for w in weight] if normalize else list(weight)
     flat = [t.reshape(-1) for t in tensors]
-    out = torch.empty(flat[0].numel(), dtype=dtype or tensors[0].dtype, device=tensors[0].device)
+    dtype = dtype or tensors[0].dtype
+    out = torch.empty(flat[0].numel(), dtype=dtype, device=tensors[0].device)
+    # a 1-element tensor (not a Python scalar) makes bf16 · s compute in `dtype`: one cast-and-scale op
+    s0 = torch.tensor([scale[0]], dtype=dtype, device=out.device)
 
     def block(a: int, z: int) -> None:  # one pass per input, in cache-sized blocks
         o = out[a:z]
-        o.copy_(flat[0][a:z]).mul_(scale[0])  # cast first: bf16 · scalar would round in bf16
+        torch.mul(flat[0][a:z], s0, out=o)
         for t, w in zip(flat[1:], scale[1:]):
             o.add_(t[a:z], alpha=w)
 
@@ -47,6 +50,7 @@ register(
         global_params={"normalize": True},
         row_separable=True,
         casts_inputs=True,
+        nonfinite_propagates=True,  # IEEE: NaN·w = NaN, Inf·0 = NaN, Inf·w = ±Inf, Inf + x ∈ {Inf, NaN}
         doc=__doc__,
     )
 )
