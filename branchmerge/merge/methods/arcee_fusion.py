@@ -16,10 +16,12 @@ Work is done in blocks of rows, cast from the stored dtype per block, so no temp
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 
 from branchmerge.merge.methods import Method, register
-from branchmerge.merge.methods.blocks import map_blocks
+from branchmerge.merge.methods.blocks import background, map_blocks, run_all
 from branchmerge.merge.methods.sparse import kth_largest, tensor_seed
 
 SAMPLE = 1_000_000
@@ -71,20 +73,25 @@ def _importance(r2: torch.Tensor, b2: torch.Tensor, dtype: torch.dtype) -> torch
     return s
 
 
-def _tau(s: torch.Tensor, k: float, seed: int) -> torch.Tensor:
+def _draws(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two subsamples' indices: 10⁶ uniform draws with replacement each, from one seeded stream."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(n, (SAMPLE,), generator=g), torch.randint(n, (SAMPLE,), generator=g)
+
+
+def _tau(s: torch.Tensor, k: float, seed: int, draws: Future | None = None) -> torch.Tensor:
     """τ = median + k·IQR of the values s (flat), on two seeded subsamples of 10⁶ (drawn with
-    replacement; the median from the first, the quartiles from the second) when there are more."""
+    replacement; the median from the first, the quartiles from the second) when there are more.
+    `draws`: `_draws(n, seed)` already started in the background. The three selections run in parallel."""
     n = s.numel()
     if n <= SAMPLE:
-        q1, med, q3 = quantiles(s, [0.25, 0.5, 0.75])
+        q1, med, q3 = run_all([lambda q=q: quantiles(s, [q])[0] for q in (0.25, 0.5, 0.75)])
     else:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-
-        def sample() -> torch.Tensor:
-            return s.index_select(0, torch.randint(n, (SAMPLE,), generator=g).to(s.device))
-
-        (med,) = quantiles(sample(), [0.5])
-        q1, q3 = quantiles(sample(), [0.25, 0.75])
+        i1, i2 = draws.result() if draws is not None else _draws(n, seed)
+        s1, s2 = s.index_select(0, i1.to(s.device)), s.index_select(0, i2.to(s.device))
+        med, q1, q3 = run_all(
+            [lambda x=x, q=q: quantiles(x, [q])[0] for x, q in ((s1, 0.5), (s2, 0.25), (s2, 0.75))]
+        )
     return med + k * (q3 - q1)
 
 
@@ -107,8 +114,10 @@ def arcee_fusion(
     (other,) = tensors
     dtype = dtype or base.dtype
     r2, b2 = _rows(other), _rows(base)
+    n, seed = b2.numel(), tensor_seed(seed, tensor_name, 0)
+    draws = background(_draws, n, seed) if n > SAMPLE else None  # overlaps the first pass
     s = _importance(r2, b2, dtype)
-    tau = _tau(s.reshape(-1), k, tensor_seed(seed, tensor_name, 0))
+    tau = _tau(s.reshape(-1), k, seed, draws)
 
     def block(i: int, j: int) -> None:
         bb = b2[i:j].to(dtype)
@@ -130,6 +139,7 @@ register(
         global_params={"k": 1.5, "seed": 0},
         takes_name=True,
         casts_inputs=True,
+        nonfinite_propagates=True,  # a NaN/Inf entry of R or B makes Δ (and B + mask·Δ) NaN/Inf there
         doc=__doc__,
     )
 )

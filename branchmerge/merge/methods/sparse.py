@@ -231,6 +231,7 @@ register(
     Method(
         "ties",
         sparse_task_arithmetic,
+        nonfinite_propagates=True,  # Δ̂ = Δ·mask keeps NaN/Inf (NaN·0 = NaN, Inf·0 = NaN) into the sums
         fixed={"sparsify": "magnitude", "consensus": "sign"},
         global_params={"normalize": True, "lambda_": 1.0},
         doc=__doc__,
