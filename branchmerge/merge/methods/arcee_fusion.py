@@ -88,10 +88,11 @@ def _tau(s: torch.Tensor, k: float, seed: int, draws: Future | None = None) -> t
         q1, med, q3 = run_all([lambda q=q: quantiles(s, [q])[0] for q in (0.25, 0.5, 0.75)])
     else:
         i1, i2 = draws.result() if draws is not None else _draws(n, seed)
-        s1, s2 = s.index_select(0, i1.to(s.device)), s.index_select(0, i2.to(s.device))
-        med, q1, q3 = run_all(
-            [lambda x=x, q=q: quantiles(x, [q])[0] for x, q in ((s1, 0.5), (s2, 0.25), (s2, 0.75))]
-        )
+
+        def on_sample(idx: torch.Tensor, qs: list[float]) -> list[torch.Tensor]:
+            return quantiles(s.index_select(0, idx.to(s.device)), qs)  # random gathers: latency-bound
+
+        (med,), (q1, q3) = run_all([lambda: on_sample(i1, [0.5]), lambda: on_sample(i2, [0.25, 0.75])])
     return med + k * (q3 - q1)
 
 
