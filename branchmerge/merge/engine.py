@@ -1,9 +1,14 @@
 """The streaming merge executor: validate everything, then one pass over tensor names.
 
 For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
-tensor only: inputs are read (memory-mapped, one tensor at a time), checked finite, cast to the
-compute dtype on the compute device, merged, and the result's bytes are appended to the output
-shard. Reading the next tensor, merging this one and writing the previous one overlap (threads).
+tensor only: inputs are memory-mapped (one tensor at a time), checked finite, merged, and the
+result's bytes are appended to the output shard. Reading the next tensor, merging this one and
+casting + writing the previous one overlap (threads with one intra-op thread each).
+Methods that declare `casts_inputs` (linear, TIES/DARE, Arcee Fusion) get the stored-dtype (bf16)
+tensors and cast cache-sized blocks themselves on a block-parallel pool (`methods.blocks`); the others
+get whole tensors in the compute dtype. Finiteness: max(bits & exponent mask) < mask over the inputs,
+or, when every step declares `nonfinite_propagates` (a NaN/Inf input entry always gives a NaN/Inf
+output entry), over the output only, re-reading the inputs to name the one at fault.
 Chains of row-separable methods (linear, task arithmetic, Fisher) run in blocks of rows, so even
 the embedding never has to be held whole. Intermediate steps live only in memory unless `save`.
 The output folder is built beside the target and renamed at the end (`hf_io.atomic_dir`).
