@@ -138,10 +138,9 @@ class Checkpoint:
             return f.get_tensor(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor (first dimension), without reading the rest."""
-        info = self.info[name]
-        with safe_open(str(info.file), "pt") as f:
-            return f.get_slice(name)[start:stop]
+        """Rows [start, stop) of a tensor (first dimension), without reading the rest: a view of the
+        memory map (no copy; only the pages of these rows are ever touched)."""
+        return self.tensor(name)[start:stop]
 
     def files(self) -> list[Path]:
         return sorted({i.file for i in self.info.values()})

@@ -348,6 +348,30 @@ dtype: float32
     assert bad.returncode != 0 and "unknown merge method 'tie'" in bad.stderr
 
 
+def test_method_config_selected_with_one_token_runs_end_to_end(picos, tmp_path):
+    """`merge=dare_ties` (conf/merge/dare_ties.yaml) + single-step keys: the same bytes as the engine
+    given that file's defaults and the override directly."""
+    out = tmp_path / "cfg"
+    _cli(
+        "merge=dare_ties",
+        f"base={picos['base']}",
+        f"inputs=[{picos['math']},{picos['code']}]",
+        "params.density=0.5",
+        f"output_dir={out}",
+        f"paths.output_dir={tmp_path}",
+        "options.progress=false",
+    )
+    step = {"name": "s", "method": "dare_ties", "base": "base", "inputs": ["math", "code"]}
+    step["params"] = {"density": 0.5, "weight": 1.0, "normalize": True, "lambda_": 1.0, "seed": 0}
+    models = {k: picos[k] for k in ("base", "math", "code")}
+    merge(models, parse_steps([step], set(models)), tmp_path / "direct", _opts())
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        json.loads((out / "merge_provenance.json").read_text())["recipe"]["steps"][0]["method"] == "dare_ties"
+    )
+
+
 def _synthetic(root: Path, n_tensors: int, rows: int, cols: int, seed: int) -> Path:
     root.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)

@@ -211,3 +211,26 @@ def test_kth_largest_is_exact_on_large_tensors():
         assert kth_largest(x, k, seed=1) == torch.kthvalue(x, x.numel() - k + 1).values
     ties = torch.cat([torch.zeros(3_000_000), torch.ones(2_000_000)])
     assert kth_largest(ties, 2_500_000) == 0.0 and kth_largest(ties, 2_000_000) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.nonfinite_propagates))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_methods_that_skip_the_input_check_propagate_nan_and_inf(name, bad):
+    """The engine checks only the output of such methods: a NaN/Inf anywhere in any input (base
+    included) must make the output non-finite at that entry, whatever the weights."""
+    m = get_method(name)
+    g = torch.Generator().manual_seed(11)
+    n = 1 if m.max_models == 1 else 3
+    base = torch.randn(64, 40, generator=g)
+    tensors = [base + 0.1 * torch.randn(64, 40, generator=g) for _ in range(n)]
+    params = {p: [v] * n for p, v in m.model_params.items()}
+    params.update(m.global_params, **({"tensor_name": "w"} if m.takes_name else {}))
+    if "weight" in params:
+        params["weight"] = [0.0, 1.0, -0.5][:n]
+    if "density" in params:
+        params["density"] = [0.5] * n
+    for which in range(n + 1 if m.needs_base else n):
+        ins = [t.clone() for t in tensors] + [base.clone()]
+        ins[which][5, 7] = bad
+        out = m(ins[:n], ins[n] if m.needs_base else None, **params)
+        assert not torch.isfinite(out[5, 7]), (name, which)

@@ -8,19 +8,36 @@ from __future__ import annotations
 import torch
 
 from branchmerge.merge.methods import Method, register
+from branchmerge.merge.methods.blocks import map_blocks, spans
 
 
 def linear(
-    tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool = True
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    normalize: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
+    """The sum in `dtype` (default: the first input's); inputs may be stored narrower (bf16)."""
     total = sum(weight)
     if normalize and total == 0:
         raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
     scale = [w / total for w in weight] if normalize else list(weight)
-    out = tensors[0] * scale[0]  # one pass per input, no zero-fill and no final division
-    for t, w in zip(tensors[1:], scale[1:]):
-        out.add_(t, alpha=w)
-    return out
+    flat = [t.reshape(-1) for t in tensors]
+    dtype = dtype or tensors[0].dtype
+    out = torch.empty(flat[0].numel(), dtype=dtype, device=tensors[0].device)
+    # a 1-element tensor (not a Python scalar) makes bf16 · s compute in `dtype`: one cast-and-scale op
+    s0 = torch.tensor([scale[0]], dtype=dtype, device=out.device)
+
+    def block(a: int, z: int) -> None:  # one pass per input, in cache-sized blocks
+        o = out[a:z]
+        torch.mul(flat[0][a:z], s0, out=o)
+        for t, w in zip(flat[1:], scale[1:]):
+            o.add_(t[a:z], alpha=w)
+
+    map_blocks(block, spans(out.numel()))
+    return out.reshape(tensors[0].shape)
 
 
 register(
@@ -32,6 +49,8 @@ register(
         model_params={"weight": 1.0},
         global_params={"normalize": True},
         row_separable=True,
+        casts_inputs=True,
+        nonfinite_propagates=True,  # IEEE: NaN·w = NaN, Inf·0 = NaN, Inf·w = ±Inf, Inf + x ∈ {Inf, NaN}
         doc=__doc__,
     )
 )
