@@ -134,8 +134,23 @@ class WandbTrialConfig:
     group: str | None = None  # default: the sweep's name
 
 
+@dataclass(kw_only=True)
+class EvalRunnerConfig:
+    """How a model is run for scoring: shared by evaluate.py (EvalConfig) and scored merges (ScoreConfig)."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    batch_size: int = 64
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1  # vLLM
+    gpu_memory_utilization: float = 0.9  # vLLM
+    seed: int = 1234
+    threads: int | None = None  # torch intra-op threads (None = torch's default)
+
+
 @dataclass
-class ScoreConfig:
+class ScoreConfig(EvalRunnerConfig):
     """How a merge scores its own output (when `eval` names a suite) and what a sweep trial returns."""
 
     metric: str = "mean"  # "mean" over the suite's tasks' pass@1, or one task's name (e.g. toy_math)
@@ -144,14 +159,6 @@ class ScoreConfig:
     keep_weights: Literal["all", "best", "none"] = "all"  # best: delete every other trial's weights
     results_file: str | None = None  # trial rows (JSONL; a CSV beside it); default <sweep dir>/results.jsonl
     sweep_name: str | None = None  # default: the sweep folder's name
-    backend: Literal["hf", "vllm"] = "hf"
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    batch_size: int = 64
-    threads: int | None = None
-    seed: int = 1234
-    tensor_parallel_size: int = 1  # vLLM
-    max_model_len: int | None = None
     wandb: WandbTrialConfig = field(default_factory=WandbTrialConfig)
 
 
@@ -191,23 +198,14 @@ class EvalSuiteConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EvalRunnerConfig):
     task_name: str
     run_name: str
     paths: PathsConfig
     eval: EvalSuiteConfig
     model_path: str
-    backend: Literal["hf", "vllm"] = "hf"
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    batch_size: int = 64
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    seed: int = 1234
     data_dir: str = "data/eval"
     toy_dir: str = "outputs/toy_world"
-    threads: int | None = None  # torch intra-op threads (None = torch's default)
 
 
 # distill.py's schema lives in its own module (issue 6 grows it); re-exported here.

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import traceback
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
-from branchmerge.config.schema import MergeConfig
+from branchmerge.config.schema import EvalRunnerConfig, MergeConfig
 
 log = logging.getLogger(__name__)
 # overrides that choose what runs rather than a coefficient: not trial parameters
@@ -96,14 +97,7 @@ def score_model(model_dir: Path, cfg: Any, eval_dir: Path) -> dict[str, dict[str
         "paths": {**OmegaConf.to_container(cfg.paths), "run_dir": str(eval_dir)},
         "eval": OmegaConf.to_container(cfg.eval),
         "model_path": str(model_dir),
-        "backend": s.backend,
-        "device": s.device,
-        "dtype": s.dtype,
-        "batch_size": s.batch_size,
-        "seed": s.seed,
-        "threads": s.threads,
-        "tensor_parallel_size": s.tensor_parallel_size,
-        "max_model_len": s.max_model_len,
+        **{f.name: s[f.name] for f in fields(EvalRunnerConfig)},  # how to run the model
         "data_dir": f"{cfg.paths.data_dir}/eval",
         "toy_dir": cfg.paths.toy_dir,
     }
