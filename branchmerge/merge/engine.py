@@ -253,6 +253,8 @@ class Merger:
         params = step_params(step, name, self.n_layers)
         if casts:
             params["dtype"] = self.compute
+            if step is self.steps[-1]:  # rounded to the output dtype block by block, while in cache
+                params["out_dtype"] = self.out_dtype[name]
         if step.method.needs_importance:
             imp = [self.importance[i.ref].tensor(name) for i in step.inputs]
             if rows is not None:
@@ -276,7 +278,7 @@ class Merger:
     def run(self, output_dir: Path, recipe: dict) -> dict:
         t0 = time.time()
         first = next(iter(self.ckpts.values()))
-        out_dtype = {
+        self.out_dtype = out_dtype = {
             n: (BY_NAME[self.opt.out_dtype] if self.opt.out_dtype else first.info[n].dtype)
             for n in self.names
         }

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {
@@ -131,16 +131,34 @@ class Checkpoint:
         return sorted(self.info, key=lambda n: (str(self.info[n].file), self.info[n].offset))
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor through a memory map that is released right after (so pages of tensors we
-        are done with never accumulate in our resident memory)."""
+        """Read one tensor through a memory map of just its bytes, released when the tensor is freed
+        (so pages of tensors we are done with never accumulate in our resident memory)."""
         info = self.info[name]
-        with safe_open(str(info.file), "pt") as f:
-            return f.get_tensor(name)
+        return self._map(info, 0, info.nbytes).view(info.dtype).reshape(info.shape)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor (first dimension), without reading the rest: a view of the
-        memory map (no copy; only the pages of these rows are ever touched)."""
-        return self.tensor(name)[start:stop]
+        """Rows [start, stop) of a tensor (first dimension), without reading the rest: a memory map of
+        only these rows' bytes."""
+        info = self.info[name]
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        t = self._map(info, start * row_bytes, (stop - start) * row_bytes).view(info.dtype)
+        return t.reshape(stop - start, *info.shape[1:])
+
+    @staticmethod
+    def _map(info: TensorInfo, skip: int, nbytes: int) -> torch.Tensor:
+        """Bytes [skip, skip + nbytes) of a tensor's data as a uint8 tensor over a private (copy on
+        write: the file can never be modified through it) memory map. Our own header parse gives the
+        offsets, so a read costs two system calls (safe_open re-parsed the header each time: 0.19 ms)."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        begin = info.offset + skip
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(info.file, "rb") as f:
+                m = mmap.mmap(f.fileno(), begin - aligned + nbytes, access=mmap.ACCESS_COPY, offset=aligned)
+        except (OSError, ValueError) as e:  # the file changed (shrank) since its header was read
+            raise CheckpointError(f"{info.file}: cannot read tensor data ({e})") from e
+        return torch.frombuffer(m, dtype=torch.uint8, offset=begin - aligned, count=nbytes)
 
     def files(self) -> list[Path]:
         return sorted({i.file for i in self.info.values()})

@@ -234,3 +234,23 @@ def test_methods_that_skip_the_input_check_propagate_nan_and_inf(name, bad):
         ins[which][5, 7] = bad
         out = m(ins[:n], ins[n] if m.needs_base else None, **params)
         assert not torch.isfinite(out[5, 7]), (name, which)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.casts_inputs))
+def test_out_dtype_rounds_the_same_result_block_by_block(name):
+    """Methods that cast their (bf16) inputs themselves can return the output dtype directly: the
+    same values as computing in fp32 and rounding the whole tensor afterwards, bit for bit."""
+    m = get_method(name)
+    g = torch.Generator().manual_seed(5)
+    n = 1 if m.max_models == 1 else 3
+    base = torch.randn(700, 600, generator=g)  # 420k entries: more than one block
+    tensors = [(base + 0.05 * torch.randn(700, 600, generator=g)).bfloat16() for _ in range(n)]
+    params = {p: [v] * n for p, v in m.model_params.items()}
+    params.update(m.global_params, **({"tensor_name": "w"} if m.takes_name else {}))
+    if "density" in params:
+        params["density"] = [0.5] * n
+    b = base.bfloat16() if m.needs_base else None
+    wide = m(tensors, b, dtype=torch.float32, **params)
+    narrow = m(tensors, b, dtype=torch.float32, out_dtype=torch.bfloat16, **params)
+    assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
+    assert torch.equal(narrow, wide.bfloat16())

@@ -109,9 +109,11 @@ def arcee_fusion(
     seed: int = 0,
     tensor_name: str = "",
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Two streaming passes over blocks of rows: S (and κ), then the mask, written over S in place
-    (the only full-size temporary is S, which becomes the output)."""
+    (the only full-size temporary is S, which becomes the output unless `out_dtype` differs from
+    `dtype`)."""
     (other,) = tensors
     dtype = dtype or base.dtype
     r2, b2 = _rows(other), _rows(base)
@@ -119,15 +121,16 @@ def arcee_fusion(
     draws = background(_draws, n, seed) if n > SAMPLE else None  # overlaps the first pass
     s = _importance(r2, b2, dtype)
     tau = _tau(s.reshape(-1), k, seed, draws)
+    out = s if out_dtype in (None, dtype) else torch.empty(b2.shape, dtype=out_dtype, device=b2.device)
 
     def block(i: int, j: int) -> None:
         bb = b2[i:j].to(dtype)
         d = r2[i:j].to(dtype, copy=True).sub_(bb)
         keep = s[i:j] >= tau  # S ≥ τ
-        torch.add(bb, d.mul_(keep), out=s[i:j])
+        torch.add(bb, d.mul_(keep), out=out[i:j])
 
     map_blocks(block, _row_spans(b2))
-    return s.reshape(base.shape)
+    return out.reshape(base.shape)
 
 
 register(

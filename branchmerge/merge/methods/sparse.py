@@ -170,8 +170,10 @@ def sparse_task_arithmetic(
     seed: int = 0,
     tensor_name: str = "",
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The merged tensor in `dtype` (default: the base's dtype; inputs are cast block by block)."""
+    """The merged tensor computed in `dtype` (default: the base's dtype; inputs are cast block by
+    block), returned in `out_dtype` (default `dtype`)."""
     _check(density, sparsify, consensus)
     dtype = dtype or base.dtype
     names = [tensor_seed(seed, tensor_name, i) for i in range(len(tensors))]
@@ -183,7 +185,7 @@ def sparse_task_arithmetic(
         masks = [KeepMask(d, s) if 0 < d < 1 else None for d, s in zip(density, names)]
     flat = [t.reshape(-1) for t in tensors]
     b = base.reshape(-1)
-    out = torch.empty(b.numel(), dtype=dtype, device=base.device)
+    out = torch.empty(b.numel(), dtype=out_dtype or dtype, device=base.device)
 
     def merge_block(a: int, z: int) -> None:
         bb = b[a:z].to(dtype)
