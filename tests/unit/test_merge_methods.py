@@ -100,13 +100,11 @@ def test_arcee_fusion_matches_the_paper_equations(shape):
     ours = call("arcee_fusion", [other], base, seed=0, tensor_name="w")
     draws = None
     if base.numel() > SAMPLE:
+        from branchmerge.merge.methods.arcee_fusion import Subsample
         from branchmerge.merge.methods.sparse import tensor_seed
 
-        gen = torch.Generator().manual_seed(tensor_seed(0, "w", 0))
-        draws = (
-            torch.randint(base.numel(), (SAMPLE,), generator=gen),
-            torch.randint(base.numel(), (SAMPLE,), generator=gen),
-        )
+        sub = Subsample(*shape, tensor_seed(0, "w", 0), torch.float32, "cpu")
+        draws = [sub.indices(w) for w in (0, 1)]
     ref = paper_arcee(base, other, draws)
     assert torch.allclose(ours, ref, atol=1e-6)
     assert torch.equal(
@@ -114,6 +112,28 @@ def test_arcee_fusion_matches_the_paper_equations(shape):
     )  # same seed, same output
     frac = ((ours - base).abs() > 0).float().mean().item()
     assert 0.0 < frac < 0.5  # an outlier threshold keeps a minority of coordinates
+
+
+def test_arcee_subsamples_are_uniform_draws_with_replacement():
+    """Drawn block by block (multinomial counts, uniform positions), each subsample must still look
+    like 10⁶ independent uniform draws over all entries: decile counts and duplicate rate."""
+    from branchmerge.merge.methods.arcee_fusion import Subsample
+
+    rows, cols = 4864, 896  # a Qwen2.5-0.5B MLP matrix: 17 blocks of rows
+    sub = Subsample(rows, cols, seed=3, dtype=torch.float32, device="cpu")
+    n = rows * cols
+    a, b = sub.indices(0), sub.indices(1)
+    assert a.numel() == b.numel() == SAMPLE and int(a.min()) >= 0 and int(a.max()) < n
+    for idx in (a, b):
+        deciles = torch.bincount(idx * 10 // n, minlength=10).double()
+        chi2 = float(((deciles - SAMPLE / 10) ** 2 / (SAMPLE / 10)).sum())
+        assert chi2 < 30  # 9 degrees of freedom: p < 0.001 would be 27.9
+        distinct = torch.unique(idx).numel()  # with replacement: E = n(1 − (1 − 1/n)^SAMPLE)
+        expected = n * (1 - (1 - 1 / n) ** SAMPLE)
+        assert abs(distinct - expected) < 5 * math.sqrt(expected * 0.1)
+    assert not torch.equal(a, b)  # two independent draws
+    again = Subsample(rows, cols, seed=3, dtype=torch.float32, device="cpu")
+    assert torch.equal(again.indices(0), a)  # seeded
 
 
 def test_arcee_subsample_depends_on_seed():
@@ -254,3 +274,23 @@ def test_out_dtype_rounds_the_same_result_block_by_block(name):
     narrow = m(tensors, b, dtype=torch.float32, out_dtype=torch.bfloat16, **params)
     assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
     assert torch.equal(narrow, wide.bfloat16())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(1_000_003, generator=torch.Generator().manual_seed(3)),  # both signs
+        torch.randn(5000, generator=torch.Generator().manual_seed(4)).abs() * 1e-30,  # subnormals too
+        torch.cat([torch.zeros(700), torch.ones(301)]),  # heavy ties
+        torch.tensor([2.5]),
+        torch.tensor([-1.0, -0.0, 0.0, float("inf"), -float("inf"), 3.0]),
+    ],
+)
+def test_radix_quantiles_equal_the_sorted_reference(values):
+    from branchmerge.merge.methods.arcee_fusion import quantiles
+
+    qs = [0.0, 0.25, 0.5, 0.75, 1.0]
+    ordered = torch.sort(values).values
+    want = [float(ordered[math.floor(q * (values.numel() - 1))]) for q in qs]
+    assert [float(v) for v in quantiles(values, qs)] == want
+    assert [float(v) for v in quantiles(values.double(), qs)] == want  # the non-float32 path
