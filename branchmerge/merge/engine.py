@@ -3,7 +3,8 @@
 For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
 tensor only: inputs are memory-mapped (one tensor at a time), checked finite, merged, and the
 result's bytes are appended to the output shard. Reading the next tensor, merging this one and
-casting + writing the previous one overlap (threads with one intra-op thread each).
+casting + writing the previous one overlap (threads with one intra-op thread each); tensors of up
+to 16 M entries merge two at a time (one per core), larger ones one at a time across the cores.
 Methods that declare `casts_inputs` (linear, TIES/DARE, Arcee Fusion) get the stored-dtype (bf16)
 tensors and cast cache-sized blocks themselves on a block-parallel pool (`methods.blocks`); the others
 get whole tensors in the compute dtype. Finiteness: max(bits & exponent mask) < mask over the inputs,
@@ -21,7 +22,8 @@ import logging
 import math
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,12 @@ from tqdm import tqdm
 
 from branchmerge.hf_io import atomic_dir
 from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWriter
+from branchmerge.merge.methods import blocks
 from branchmerge.merge.provenance import provenance
 from branchmerge.merge.recipe import Step, step_params
 
 log = logging.getLogger(__name__)
+SMALL_ITEM = 1 << 24  # entries: items up to this size merge whole, several at a time (one per thread)
 SKIP_COPY = {".safetensors", ".bin", ".pt", ".pth"}
 SKIP_NAMES = {
     "model.safetensors.index.json",
@@ -293,24 +297,7 @@ class Merger:
                 total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not self.opt.progress
             )
             work = [(n, rows) for n in self.names for rows in self._blocks(n)]
-            # three stages overlap: read (+ check) tensor k+1 | merge tensor k | cast + write tensor k-1
-            one = dict(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))  # no OpenMP spinning
-            with ThreadPoolExecutor(**one) as reader, ThreadPoolExecutor(**one) as writer:
-                nxt = reader.submit(self._fetch, *work[0])
-                pending = None
-                for k, (name, rows) in enumerate(work):
-                    raw = nxt.result()
-                    if k + 1 < len(work):
-                        nxt = reader.submit(self._fetch, *work[k + 1])
-                    memo: dict[str, torch.Tensor] = {}
-                    self._eval(self.steps[-1], name, raw, memo, rows)
-                    outs = {s: memo[s] for s in writers}
-                    del raw, memo
-                    if pending is not None:
-                        pending.result()  # at most one output waits for the disk
-                    pending = writer.submit(self._write, writers, name, rows, outs, out_dtype[name], bar)
-                if pending is not None:
-                    pending.result()
+            self._stream(work, writers, out_dtype, bar)
             bar.close()
             for w in writers.values():
                 w.close()
@@ -329,6 +316,56 @@ class Merger:
             time.time() - t0,
         )
         return record
+
+    def _stream(self, work: list, writers: dict[str, ShardWriter], out_dtype: dict, bar) -> None:
+        """Read, merge and write every work item (a tensor, or a block of its rows), overlapped:
+        the reader maps item k+1 while item k merges and the writer casts and writes item k−1.
+        Items of up to SMALL_ITEM entries merge whole on `lanes` threads, one item per thread (their
+        serial parts, such as quantile selections, overlap another item's work); larger items merge
+        one at a time with their blocks spread over the threads. Outputs are written in order."""
+        lanes = blocks.workers() if self.device.type == "cpu" else 1
+        one = dict(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))  # no OpenMP spinning
+        lane_pool = ThreadPoolExecutor(
+            lanes, thread_name_prefix="merge-block-lane", initializer=torch.set_num_threads, initargs=(1,)
+        )
+        with ThreadPoolExecutor(**one) as reader, ThreadPoolExecutor(**one) as writer, lane_pool:
+            inflight: deque = deque()  # (name, rows, future of the outputs), in work order
+            pending = None  # the write in progress: at most one output waits for the disk
+
+            def hand_over() -> None:
+                nonlocal pending
+                name, rows, outs = inflight.popleft()
+                outs = outs.result()
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(self._write, writers, name, rows, outs, out_dtype[name], bar)
+
+            nxt = reader.submit(self._fetch, *work[0])
+            for k, (name, rows) in enumerate(work):
+                raw = nxt.result()
+                if k + 1 < len(work):
+                    nxt = reader.submit(self._fetch, *work[k + 1])
+                small = lanes > 1 and sum(t.numel() for t in raw.values()) <= SMALL_ITEM * len(raw)
+                while inflight and (len(inflight) >= lanes or not small):
+                    hand_over()
+                if small:
+                    inflight.append(
+                        (name, rows, lane_pool.submit(self._merge_item, name, rows, raw, writers))
+                    )
+                else:
+                    done: Future = Future()
+                    done.set_result(self._merge_item(name, rows, raw, writers))
+                    inflight.append((name, rows, done))
+                del raw
+            while inflight:
+                hand_over()
+            if pending is not None:
+                pending.result()
+
+    def _merge_item(self, name: str, rows, raw: dict[str, torch.Tensor], writers) -> dict[str, torch.Tensor]:
+        memo: dict[str, torch.Tensor] = {}
+        self._eval(self.steps[-1], name, raw, memo, rows)
+        return {s: memo[s] for s in writers}
 
     def _write(self, writers: dict[str, ShardWriter], name: str, rows, outs: dict, dtype, bar) -> None:
         """Cast to the output dtype and append (in the writer thread: overlaps the next merge)."""

@@ -101,7 +101,10 @@ class Subsample:
         step = max(1, ROW_BLOCK_ELEMENTS // cols)
         self.spans = [(i, min(i + step, rows)) for i in range(0, rows, step)]
         sizes = np.array([(j - i) * cols for i, j in self.spans], dtype=np.float64)
-        self.counts = [np.random.Generator(np.random.PCG64([seed, w])).multinomial(SAMPLE, sizes / sizes.sum()) for w in (0, 1)]
+        self.counts = [
+            np.random.Generator(np.random.PCG64([seed, w])).multinomial(SAMPLE, sizes / sizes.sum())
+            for w in (0, 1)
+        ]
         self.starts = [np.cumsum(c) - c for c in self.counts]
         self.values = [torch.empty(SAMPLE, dtype=dtype, device=device) for _ in (0, 1)]
         self.cols, self.seed = cols, seed
@@ -118,7 +121,9 @@ class Subsample:
         for w in (0, 1):
             start, count = int(self.starts[w][block]), int(self.counts[w][block])
             if count:
-                self.values[w][start : start + count] = flat.index_select(0, self.offsets(w, block).to(flat.device))
+                self.values[w][start : start + count] = flat.index_select(
+                    0, self.offsets(w, block).to(flat.device)
+                )
 
     def indices(self, which: int) -> torch.Tensor:
         """Every flat index of subsample `which`, in the order its values are stored."""
@@ -127,7 +132,9 @@ class Subsample:
 
 def _tau_from(sub: Subsample, k: float) -> torch.Tensor:
     """τ = median(first subsample) + k·(Q3 − Q1)(second subsample), the two selected in parallel."""
-    (med,), (q1, q3) = run_all([lambda: quantiles(sub.values[0], [0.5]), lambda: quantiles(sub.values[1], [0.25, 0.75])])
+    (med,), (q1, q3) = run_all(
+        [lambda: quantiles(sub.values[0], [0.5]), lambda: quantiles(sub.values[1], [0.25, 0.75])]
+    )
     return med + k * (q3 - q1)
 
 
