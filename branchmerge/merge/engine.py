@@ -338,7 +338,7 @@ class Merger:
                 outs = outs.result()
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(self._write, writers, name, rows, outs, out_dtype[name], bar)
+                pending = writer.submit(self._write, writers, name, outs, bar)
 
             nxt = reader.submit(self._fetch, *work[0])
             for k, (name, rows) in enumerate(work):
@@ -363,18 +363,21 @@ class Merger:
                 pending.result()
 
     def _merge_item(self, name: str, rows, raw: dict[str, torch.Tensor], writers) -> dict[str, torch.Tensor]:
+        """The outputs to write for one item, in the output dtype and checked (on the merging thread,
+        so the writer thread only writes)."""
         memo: dict[str, torch.Tensor] = {}
         self._eval(self.steps[-1], name, raw, memo, rows)
-        return {s: memo[s] for s in writers}
-
-    def _write(self, writers: dict[str, ShardWriter], name: str, rows, outs: dict, dtype, bar) -> None:
-        """Cast to the output dtype and append (in the writer thread: overlaps the next merge)."""
-        for step_name, w in writers.items():
-            out = outs[step_name].to(dtype).cpu()
+        outs = {s: memo[s].to(self.out_dtype[name]).cpu() for s in writers}
+        for out in outs.values():
             if self.check_outputs and out.is_floating_point() and not all_finite(out):
                 self._check_inputs(name, rows)
-            w.write(name, out)
-        bar.update(out.numel() * out.element_size())
+        return outs
+
+    def _write(self, writers: dict[str, ShardWriter], name: str, outs: dict, bar) -> None:
+        """Append the outputs (in the writer thread: overlaps the next merges)."""
+        for step_name, w in writers.items():
+            w.write(name, outs[step_name])
+        bar.update(sum(o.numel() * o.element_size() for o in outs.values()))
 
     def _copy_source(self) -> Checkpoint:
         if self.opt.copy_files_from:

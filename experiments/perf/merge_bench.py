@@ -7,8 +7,10 @@ embeddings, 2 shards): a base and three variants (base + Gaussian deltas at 5% o
 For linear, TIES (density 0.5), DARE-TIES (density 0.5) and Arcee Fusion: wall time and peak RSS of
 each tool in its own process (warm page cache: one untimed read first), and the I/O floor (copy every
 byte of every input out of the page cache, tensor by tensor, and write one output of the same size).
-Tools run interleaved (ours, mergekit, floor, repeat) and the minimum wall time over the repeats is
-reported (the machine is shared; the median and all runs are kept in the JSON too). mergekit runs from its own virtualenv
+Tools run interleaved (ours, mergekit, floor, repeat), each after the previous output is deleted and
+the page cache synced, and the minimum wall time over the repeats is reported (writing 1 GB into the
+page cache takes 0.2 s or, now and then, 1.5 s on this VM, for every tool; the median and all runs are
+kept in the JSON too). mergekit runs from its own virtualenv
 (outputs/perf/venv-mergekit) with its CLI `mergekit-yaml`. Prints ratios; writes
 experiments/perf/results/merge_bench.json.
 """
@@ -207,6 +209,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for tool in runs:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
+                os.sync()  # no tool starts with another's dirty pages still being written back
                 if tool == "ours":
                     a = {"models": paths, "step": {"name": "m", **step}, "out": str(out)}
                     cmd = [sys.executable, "-c", OURS, json.dumps(a)]
