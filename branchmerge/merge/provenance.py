@@ -38,6 +38,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+# Bumped whenever a method's output changes for the same recipe and inputs, so that a folder merged by
+# an older engine is merged again instead of reused. 2: Arcee Fusion takes one log of P/Q (not
+# log P − log Q) and draws its subsamples block by block.
+ENGINE_VERSION = 2
+
+
 def provenance(ckpts: dict[str, Any], recipe: dict, hash_inputs: bool = True) -> dict:
     inputs = {}
     for name, ck in ckpts.items():
@@ -57,6 +63,7 @@ def provenance(ckpts: dict[str, Any], recipe: dict, hash_inputs: bool = True) ->
     return {
         "inputs": inputs,
         "recipe": recipe,
+        "engine_version": ENGINE_VERSION,
         "versions": versions(),
         "git_revision": git_revision(),
         "host": platform.node(),

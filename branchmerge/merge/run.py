@@ -53,10 +53,11 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
 
 
 def _same_inputs(old: dict, models: dict[str, Path], recipe: dict) -> bool:
-    """The existing output was made by this recipe from byte-identical inputs (content hashes)."""
-    from branchmerge.merge.provenance import file_hash
+    """The existing output was made by this recipe, by an engine that computes the same values, from
+    byte-identical inputs (content hashes)."""
+    from branchmerge.merge.provenance import ENGINE_VERSION, file_hash
 
-    if old.get("recipe") != json.loads(json.dumps(recipe)):
+    if old.get("recipe") != json.loads(json.dumps(recipe)) or old.get("engine_version") != ENGINE_VERSION:
         return False
     for name, info in old.get("inputs", {}).items():
         path = models.get(name)

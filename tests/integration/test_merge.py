@@ -321,6 +321,10 @@ def test_cli_single_step_overrides_and_mergekit_yaml(picos, tmp_path):
     other = _cli(*args[:3], "+params.density=0.6", *args[4:])
     assert "merging again" in other.stdout + other.stderr
     _cli(*args)
+    prov = out1 / "merge_provenance.json"  # made by an older engine whose values differ: not reused
+    prov.write_text(json.dumps({**json.loads(prov.read_text()), "engine_version": 1}))
+    older = _cli(*args)
+    assert "merging again" in older.stdout + older.stderr
     mk = tmp_path / "mk.yml"
     mk.write_text(f"""merge_method: ties
 base_model: {picos["base"]}
