@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -23,7 +23,6 @@ T = TypeVar("T")
 BLOCK = 1 << 18  # elements per block (1 MB in fp32): a block's ~10 live temporaries stay in cache
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_side: ThreadPoolExecutor | None = None
 _workers = 0
 
 
@@ -60,7 +59,9 @@ def spans(n: int, block: int = BLOCK):
 
 
 def map_blocks(fn: Callable[..., T], spans: Iterable[tuple[int, int]]) -> list[T]:
-    """[fn(a, z) for (a, z) in spans], the calls spread over `workers()` threads (in order)."""
+    """[fn(a, z) for (a, z) in spans], the calls spread over `workers()` threads (in order); in the
+    calling thread when that is itself a merge worker (the engine's lanes merge whole tensors, one per
+    thread)."""
     spans = list(spans)
     n = workers()
     if n <= 1 or len(spans) < 2 or threading.current_thread().name.startswith("merge-block"):
@@ -71,15 +72,3 @@ def map_blocks(fn: Callable[..., T], spans: Iterable[tuple[int, int]]) -> list[T
 def run_all(fns: list[Callable[[], T]]) -> list[T]:
     """[f() for f in fns], spread over the workers like blocks."""
     return map_blocks(lambda i, _: fns[i](), [(i, i + 1) for i in range(len(fns))])
-
-
-def background(fn: Callable[..., T], *args) -> Future:
-    """fn(*args) on a side thread (one intra-op thread): serial work, such as drawing random indices,
-    that can overlap a block-parallel pass."""
-    global _side
-    with _lock:
-        if _side is None:
-            _side = ThreadPoolExecutor(
-                1, thread_name_prefix="merge-side", initializer=torch.set_num_threads, initargs=(1,)
-            )
-    return _side.submit(fn, *args)
