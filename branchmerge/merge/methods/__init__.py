@@ -27,7 +27,7 @@ class Method:
     needs_importance: bool = False  # takes per-model importance tensors (Fisher)
     takes_name: bool = False  # gets tensor_name= (per-tensor seeds, so order never changes results)
     takes_layer: bool = False  # gets layer_fraction= (depth of the tensor's layer in [0, 1], or None)
-    casts_inputs: bool = False  # takes inputs in their stored dtype and dtype= (casts block by block)
+    casts_inputs: bool = False  # takes stored-dtype inputs, dtype= and out_dtype= (casts block by block)
     nonfinite_propagates: bool = False  # a NaN/Inf in any input always makes a NaN/Inf in the output
     doc: str = ""
 
