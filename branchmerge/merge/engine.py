@@ -2,8 +2,8 @@
 
 For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
 tensor only: inputs are memory-mapped (one tensor at a time), checked finite, merged, and the
-result's bytes are appended to the output shard. Reading the next tensor, merging this one and
-casting + writing the previous one overlap (threads with one intra-op thread each); tensors of up
+result's bytes are appended to the output shard. Reading the next tensor, merging (and casting and
+checking) this one and writing the previous one overlap (threads with one intra-op thread each); tensors of up
 to 16 M entries merge two at a time (one per core), larger ones one at a time across the cores.
 Methods that declare `casts_inputs` (linear, TIES/DARE, Arcee Fusion) get the stored-dtype (bf16)
 tensors and cast cache-sized blocks themselves on a block-parallel pool (`methods.blocks`); the others
@@ -297,7 +297,7 @@ class Merger:
                 total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not self.opt.progress
             )
             work = [(n, rows) for n in self.names for rows in self._blocks(n)]
-            self._stream(work, writers, out_dtype, bar)
+            self._stream(work, writers, bar)
             bar.close()
             for w in writers.values():
                 w.close()
@@ -317,9 +317,9 @@ class Merger:
         )
         return record
 
-    def _stream(self, work: list, writers: dict[str, ShardWriter], out_dtype: dict, bar) -> None:
+    def _stream(self, work: list, writers: dict[str, ShardWriter], bar) -> None:
         """Read, merge and write every work item (a tensor, or a block of its rows), overlapped:
-        the reader maps item k+1 while item k merges and the writer casts and writes item k−1.
+        the reader maps item k+1 while item k merges and the writer writes item k−1.
         Items of up to SMALL_ITEM entries merge whole on `lanes` threads, one item per thread (their
         serial parts, such as quantile selections, overlap another item's work); larger items merge
         one at a time with their blocks spread over the threads. Outputs are written in order."""
@@ -329,12 +329,12 @@ class Merger:
             lanes, thread_name_prefix="merge-block-lane", initializer=torch.set_num_threads, initargs=(1,)
         )
         with ThreadPoolExecutor(**one) as reader, ThreadPoolExecutor(**one) as writer, lane_pool:
-            inflight: deque = deque()  # (name, rows, future of the outputs), in work order
+            inflight: deque = deque()  # (name, future of the outputs), in work order
             pending = None  # the write in progress: at most one output waits for the disk
 
             def hand_over() -> None:
                 nonlocal pending
-                name, rows, outs = inflight.popleft()
+                name, outs = inflight.popleft()
                 outs = outs.result()
                 if pending is not None:
                     pending.result()
@@ -349,13 +349,11 @@ class Merger:
                 while inflight and (len(inflight) >= lanes or not small):
                     hand_over()
                 if small:
-                    inflight.append(
-                        (name, rows, lane_pool.submit(self._merge_item, name, rows, raw, writers))
-                    )
+                    inflight.append((name, lane_pool.submit(self._merge_item, name, rows, raw, writers)))
                 else:
                     done: Future = Future()
                     done.set_result(self._merge_item(name, rows, raw, writers))
-                    inflight.append((name, rows, done))
+                    inflight.append((name, done))
                 del raw
             while inflight:
                 hand_over()

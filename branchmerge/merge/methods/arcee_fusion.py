@@ -130,6 +130,12 @@ class Subsample:
         return torch.cat([self.offsets(which, b) + i * self.cols for b, (i, _) in enumerate(self.spans)])
 
 
+def _tau_all(s: torch.Tensor, k: float) -> torch.Tensor:
+    """τ = median + k·(Q3 − Q1) over every value of s (at most 10⁶ of them)."""
+    q1, med, q3 = quantiles(s, [0.25, 0.5, 0.75])
+    return med + k * (q3 - q1)
+
+
 def _tau_from(sub: Subsample, k: float) -> torch.Tensor:
     """τ = median(first subsample) + k·(Q3 − Q1)(second subsample), the two selected in parallel."""
     (med,), (q1, q3) = run_all(
@@ -143,8 +149,7 @@ def importance_threshold(delta: torch.Tensor, kappa: torch.Tensor, k: float, see
     the two `Subsample`s when S has more than 10⁶ entries."""
     s = _rows(delta).abs() * kappa[:, None]
     if s.numel() <= SAMPLE:
-        q1, med, q3 = quantiles(s, [0.25, 0.5, 0.75])
-        return med + k * (q3 - q1)
+        return _tau_all(s, k)
     sub = Subsample(*s.shape, seed, s.dtype, s.device)
     for block, (i, j) in enumerate(sub.spans):
         sub.take(block, s[i:j])
@@ -185,11 +190,7 @@ def arcee_fusion(
             sub.take(block, torch.sub(rr, bb).abs_().mul_(kappa[i:j]))
 
     map_blocks(first, [(b, b + 1) for b in range(len(spans))])
-    if small:
-        q1, med, q3 = quantiles(s_all, [0.25, 0.5, 0.75])
-        tau = med + k * (q3 - q1)
-    else:
-        tau = _tau_from(sub, k)
+    tau = _tau_all(s_all, k) if small else _tau_from(sub, k)
     out = torch.empty(b2.shape, dtype=out_dtype or dtype, device=b2.device)
 
     def mask(i: int, j: int) -> None:
