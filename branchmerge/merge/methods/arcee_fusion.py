@@ -27,7 +27,7 @@ import torch
 
 from branchmerge.merge.methods import Method, register
 from branchmerge.merge.methods.blocks import map_blocks, run_all
-from branchmerge.merge.methods.sparse import kth_largest, tensor_seed
+from branchmerge.merge.methods.sparse import gather, kth_largest, tensor_seed
 
 SAMPLE = 1_000_000
 ROW_BLOCK_ELEMENTS = 1 << 18  # blocks of rows of about 1 MB in fp32: temporaries stay in cache
@@ -37,9 +37,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1) if t.dim() <= 1 else t.reshape(-1, t.shape[-1])
 
 
-def _row_spans(t2: torch.Tensor):
-    step = max(1, ROW_BLOCK_ELEMENTS // t2.shape[1])
-    return ((i, min(i + step, t2.shape[0])) for i in range(0, t2.shape[0], step))
+def _row_spans(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Blocks of whole rows of about ROW_BLOCK_ELEMENTS entries."""
+    step = max(1, ROW_BLOCK_ELEMENTS // cols)
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
 def row_kl(r: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -47,7 +48,7 @@ def row_kl(r: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -
     dtype = dtype or b.dtype
     r2, b2 = _rows(r), _rows(b)
     out = torch.empty(r2.shape[0], dtype=dtype, device=r.device)
-    for i, j in _row_spans(r2):
+    for i, j in _row_spans(*r2.shape):
         out[i:j] = _kl(r2[i:j].to(dtype), b2[i:j].to(dtype)).squeeze(-1)
     return out
 
@@ -98,8 +99,7 @@ class Subsample:
     depends on threads or order."""
 
     def __init__(self, rows: int, cols: int, seed: int, dtype: torch.dtype, device) -> None:
-        step = max(1, ROW_BLOCK_ELEMENTS // cols)
-        self.spans = [(i, min(i + step, rows)) for i in range(0, rows, step)]
+        self.spans = _row_spans(rows, cols)
         sizes = np.array([(j - i) * cols for i, j in self.spans], dtype=np.float64)
         self.counts = [
             np.random.Generator(np.random.PCG64([seed, w])).multinomial(SAMPLE, sizes / sizes.sum())
@@ -121,9 +121,7 @@ class Subsample:
         for w in (0, 1):
             start, count = int(self.starts[w][block]), int(self.counts[w][block])
             if count:
-                self.values[w][start : start + count] = flat.index_select(
-                    0, self.offsets(w, block).to(flat.device)
-                )
+                self.values[w][start : start + count] = gather(flat, self.offsets(w, block))
 
     def indices(self, which: int) -> torch.Tensor:
         """Every flat index of subsample `which`, in the order its values are stored."""
@@ -178,7 +176,7 @@ def arcee_fusion(
     small = b2.numel() <= SAMPLE
     s_all = torch.empty(b2.shape, dtype=dtype, device=b2.device) if small else None
     sub = None if small else Subsample(rows, cols, tensor_seed(seed, tensor_name, 0), dtype, b2.device)
-    spans = sub.spans if sub else list(_row_spans(b2))
+    spans = sub.spans if sub else _row_spans(rows, cols)
 
     def first(block: int, _: int) -> None:
         i, j = spans[block]

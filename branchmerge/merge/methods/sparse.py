@@ -67,18 +67,18 @@ def _select(n: int, k: int, seed: int, at, block) -> torch.Tensor:
     return torch.kthvalue(everything, n - k + 1).values
 
 
+def gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """flat[idx] (index_select: 3x faster than advanced indexing on CPU)."""
+    return flat.index_select(0, idx.to(flat.device))
+
+
 def kth_largest(values: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     """The exact k-th largest of `values` (flattened) without sorting them."""
     flat = values.reshape(-1)
     n = flat.numel()
     if n <= SMALL:
         return torch.kthvalue(flat, n - k + 1).values
-    return _select(n, k, seed, lambda idx: flat.index_select(0, idx.to(flat.device)), lambda a, z: flat[a:z])
-
-
-def _at(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """flat[idx] (index_select: 3x faster than advanced indexing on CPU)."""
-    return flat.index_select(0, idx.to(flat.device))
+    return _select(n, k, seed, lambda idx: gather(flat, idx), lambda a, z: flat[a:z])
 
 
 def _abs_delta(t: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -105,7 +105,7 @@ def magnitude_threshold(
     def block(a: int, z: int) -> torch.Tensor:
         return _abs_delta(tf[a:z], bf[a:z], dtype)
 
-    return float(_select(n, k, seed, lambda idx: _abs_delta(_at(tf, idx), _at(bf, idx), dtype), block))
+    return float(_select(n, k, seed, lambda idx: _abs_delta(gather(tf, idx), gather(bf, idx), dtype), block))
 
 
 class KeepMask:
