@@ -61,7 +61,10 @@ def _encode(row: dict, tokenizer: Any, template: str) -> dict:
 
 
 class StepLoader:
-    """Yields one step batch per optimizer step; `state_dict` = steps done (resumes mid-epoch)."""
+    """Yields one step batch per optimizer step; `state_dict` = steps done (resumes mid-epoch).
+
+    Its length is the run's planned steps whatever the resume point: Lightning restores its own count
+    of batches done and compares it with this length, so a resumed run ends at the planned step."""
 
     def __init__(
         self, n_steps: int, make_batch: Callable[[int], dict], steps_done: Callable[[], int]
@@ -70,7 +73,7 @@ class StepLoader:
         self.start = 0
 
     def __len__(self) -> int:
-        return self.n_steps - self.start
+        return self.n_steps
 
     def __iter__(self) -> Iterator[dict]:
         for step in range(self.start, self.n_steps):

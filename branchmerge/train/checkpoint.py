@@ -3,7 +3,10 @@
     <run dir>/checkpoints/step-00000040.ckpt   (a file, or a folder of shards under FSDP2)
 
 A checkpoint is saved to `<name>.tmp` and renamed once every rank has finished writing, so a run
-killed mid-save leaves no checkpoint that looks complete; stale `.tmp` entries are removed on resume.
+killed mid-save leaves no checkpoint that looks complete; stale `.tmp` entries are removed on resume
+by global rank 0 alone (the folder may be on storage every node shares). Checkpoints fall every
+`every_n_steps` optimizer steps *of the whole run* and at its final step, so a crash during the export
+resumes with nothing left to train.
 """
 
 from __future__ import annotations
@@ -49,9 +52,14 @@ class AtomicCheckpoint(L.Callback):
     def __init__(self, ckpt_dir: str | Path, every_n_steps: int, keep_last: int) -> None:
         self.dir, self.every, self.keep = Path(ckpt_dir), every_n_steps, keep_last
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        step = trainer.global_step
-        if self.every > 0 and step % self.every == 0 and step < trainer.num_training_batches:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self.dir.exists():
+            remove_partial(self.dir)
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step, total = trainer.global_step, pl_module.total_steps
+        if step == total or (self.every > 0 and step % self.every == 0 and step < total):
             self.save(trainer, step)
 
     def save(self, trainer: L.Trainer, step: int) -> Path:

@@ -27,7 +27,7 @@ from branchmerge.config.schema import TrainConfig
 from branchmerge.data.datamodule import BranchDataModule
 from branchmerge.data.tokenize import check_template_tokens
 from branchmerge.models import load_tokenizer, model_config
-from branchmerge.train.checkpoint import AtomicCheckpoint, newest_checkpoint, remove_partial
+from branchmerge.train.checkpoint import AtomicCheckpoint, newest_checkpoint
 from branchmerge.train.export import export_hf
 from branchmerge.train.module import BranchSFT
 from branchmerge.train.parallel import full_state_dict
@@ -128,9 +128,7 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = None
     if cfg.resume == "auto":
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and ckpt_dir.exists():
-            remove_partial(ckpt_dir)
-        ckpt_path = newest_checkpoint(ckpt_dir)
+        ckpt_path = newest_checkpoint(ckpt_dir)  # stale partial ones: removed by rank 0 (AtomicCheckpoint)
     elif cfg.resume != "never":
         ckpt_path = Path(cfg.resume)
         if not ckpt_path.exists():

@@ -220,3 +220,35 @@ def test_bad_input_through_the_cli_exits_nonzero_with_the_message(tmp_path, toy_
     proc = run_train(tmp_path, toy_world, "run_name=bad", "+trainer.max_stepz=3", check=False)
     assert proc.returncode != 0
     assert "trainer.max_stepz: unknown key; did you mean 'trainer.max_steps'?" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [4, 6, 8, 12])
+def test_resume_at_any_checkpoint_trains_the_planned_steps(tmp_path, toy_world, kill_after):
+    """Bug guarded: the step loader's length was the *remaining* steps, and both the checkpoint cadence
+    and Lightning's epoch loop compared against it, so a run resumed anywhere but half-way stopped
+    early (resumed after step 4 of 12: stopped at 8 and exported as if finished) or never wrote its
+    later checkpoints. A run killed right after checkpoint `kill_after` (the state a SIGKILL leaves:
+    checkpoints up to that step, no export) must resume, train exactly the planned 12 steps, write
+    every planned checkpoint and end bitwise equal to the uninterrupted run."""
+    import shutil
+
+    common = ("trainer.max_steps=12", "trainer.checkpoint_every_n_steps=2", "trainer.keep_last_checkpoints=20")
+    run_train(tmp_path, toy_world, "run_name=straight", *common)
+    straight, killed = tmp_path / "train" / "straight", tmp_path / "train" / "killed"
+    planned = [f"step-{s:08d}.ckpt" for s in (2, 4, 6, 8, 10, 12)]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == planned
+    (killed / "checkpoints").mkdir(parents=True)
+    for name in planned[: kill_after // 2]:
+        shutil.copytree(straight / "checkpoints" / name, killed / "checkpoints" / name) if (
+            straight / "checkpoints" / name
+        ).is_dir() else shutil.copy2(straight / "checkpoints" / name, killed / "checkpoints" / name)
+    proc = run_train(tmp_path, toy_world, "run_name=killed", *common)
+    assert f"step-{kill_after:08d}.ckpt" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == planned
+    prov = json.loads((killed / "export" / "branchmerge.json").read_text())
+    assert prov["steps"] == 12
+    resumed = losses(killed) if (killed / "logs" / "metrics.csv").exists() else []
+    assert resumed == losses(straight)[kill_after:] and len(resumed) == 12 - kill_after
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
