@@ -78,6 +78,7 @@ class TrainerConfig:
     val_every_n_steps: int | None = None
     threads: int | None = None  # torch intra-op threads per process (None = torch's default)
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 4096  # label positions projected onto the vocabulary at once (0 = all)
     compile: bool = False
     progress_bar: bool = True
 

@@ -36,7 +36,7 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-ENCODE_VERSION = 1  # bump when encode_messages changes what it produces
+ENCODE_VERSION = 2  # bump when encode_messages or _encode changes what it produces
 
 
 def tokenizer_key(tokenizer: Any) -> str:
@@ -57,7 +57,8 @@ def _records_gen(path: str, key: str, on_bad_row: str):
 def _encode(row: dict, tokenizer: Any, template: str) -> dict:
     enc = encode_messages(row["messages"], tokenizer, template)
     n_learn = sum(1 for x in enc["labels"] if x != -100)
-    return {**enc, "length": len(enc["input_ids"]), "n_learn": n_learn}
+    n_label = sum(1 for x in enc["labels"][1:] if x != -100)  # what the loss counts (first token masked)
+    return {**enc, "length": len(enc["input_ids"]), "n_learn": n_learn, "n_label": n_label}
 
 
 class StepLoader:
@@ -178,14 +179,8 @@ class BranchDataModule(L.LightningDataModule):
         self.accumulation = tcfg.global_batch_size // per_step
         self.rows_by_epoch: dict[int, list[list[int]]] = {}
         rows0 = self._rows(0)
-        self.steps_per_epoch = len(rows0) // tcfg.global_batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"only {len(rows0)} rows for a global batch of {tcfg.global_batch_size}: "
-                "lower trainer.global_batch_size or add data"
-            )
-        total = math.ceil(tcfg.epochs * self.steps_per_epoch)
-        self.total_steps = tcfg.max_steps if tcfg.max_steps > 0 else total
+        self.steps_per_epoch, self.total_steps = self._plan_steps(len(rows0))
+        self.label_counts = self._label_counts(docs)
         kept_lengths = [self.lengths[i] for i in self.keep]
         self.stats.update(
             {
@@ -205,6 +200,37 @@ class BranchDataModule(L.LightningDataModule):
                 ),
             }
         )
+
+    def _plan_steps(self, rows0: int) -> tuple[int, int]:
+        """(steps per epoch, total steps): every epoch is repacked with its own seed and may hold fewer
+        rows than epoch 0, so an epoch's steps are the fewest full global batches any planned epoch
+        packs (the rows past them are left out, like a dropped last batch). Every rank computes the
+        same plan, so every rank runs the same number of micro-batches."""
+        g, tcfg = self.trainer_cfg.global_batch_size, self.trainer_cfg
+        per_epoch = rows0 // g
+        if per_epoch == 0:
+            raise ValueError(
+                f"only {rows0} rows for a global batch of {g}: lower trainer.global_batch_size or add data"
+            )
+        checked = 1
+        while True:
+            total = tcfg.max_steps if tcfg.max_steps > 0 else math.ceil(tcfg.epochs * per_epoch)
+            epochs = math.ceil(total / per_epoch)
+            if checked >= epochs:
+                return per_epoch, total
+            per_epoch = min(per_epoch, len(self._rows(checked)) // g)
+            checked += 1
+
+    def _label_counts(self, docs: Dataset) -> list[int]:
+        """Per document: the label tokens the loss counts (labels[1:n] that are not -100, n = its kept
+        length), so a step's global normaliser reads no other rank's documents. Only truncated
+        documents are read again."""
+        counts = list(docs["n_label"])
+        for i, n in enumerate(docs["length"]):
+            if n > self.lengths[i]:
+                labels = docs[i]["labels"]
+                counts[i] = sum(1 for x in labels[1 : self.lengths[i]] if x != -100)
+        return counts
 
     def _rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self.rows_by_epoch:
@@ -231,10 +257,9 @@ class BranchDataModule(L.LightningDataModule):
         g = self.trainer_cfg.global_batch_size
         epoch, offset = divmod(step, self.steps_per_epoch)
         rows = self._rows(epoch)[offset * g : (offset + 1) * g]
-        docs = [[self._doc(i) for i in row] for row in rows]
-        n_label = sum(sum(1 for x in d["labels"][1:] if x != -100) for row in docs for d in row)
-        n_tokens = sum(len(d["input_ids"]) for row in docs for d in row)
-        mine = docs[self.rank :: self.world_size]
+        n_label = sum(self.label_counts[i] for row in rows for i in row)
+        n_tokens = sum(self.lengths[i] for row in rows for i in row)
+        mine = [[self._doc(i) for i in row] for row in rows[self.rank :: self.world_size]]
         mb = self.trainer_cfg.micro_batch_size
         pad = self.tokenizer.pad_token_id
         micro = []

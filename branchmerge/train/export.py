@@ -5,11 +5,15 @@
   config.json, generation_config.json (EOS = the chat template's end-of-turn token)
   tokenizer files (chat_template = the template trained with)
   branchmerge.json (resolved training config, git revision, data stats)
+
+Tensors arrive one at a time (gathered from the shards by `parallel.full_tensors`) and go straight to
+disk through the planned shard writer, so the exporting rank never holds more than one tensor.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +21,43 @@ import torch
 from transformers import GenerationConfig
 
 from branchmerge.data.chat import END_OF_TURN, TEMPLATES
-from branchmerge.hf_io import atomic_dir, write_sharded
+from branchmerge.hf_io import ShardWriter, atomic_dir
 from branchmerge.models import DTYPES
 from branchmerge.utils.git import git_revision
 
+Plan = list[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+def export_plan(model: torch.nn.Module, dtype: str) -> Plan:
+    """(name, global shape, dtype) of every tensor the export writes, in state-dict order (a tied
+    output embedding is written once, as the input embedding)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    return [
+        (name, tuple(t.shape), DTYPES[dtype])
+        for name, t in model.state_dict().items()
+        if not (tied and name == "lm_head.weight")
+    ]
+
 
 def export_hf(
-    state_dict: dict[str, torch.Tensor],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    plan: Plan,
     config: Any,
     tokenizer: Any,
     template: str,
     out_dir: str | Path,
-    dtype: str,
     provenance: dict,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
-    """Write the folder atomically (built beside `out_dir`, renamed at the end)."""
-    torch_dtype = DTYPES[dtype]
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    tensors = ((k, v.to(torch_dtype)) for k, v in state_dict.items() if not (tied and k == "lm_head.weight"))
+    """Write the folder atomically (built beside `out_dir`, renamed at the end). `tensors` yields the
+    plan's tensors in its order (any dtype; cast here)."""
+    torch_dtype = plan[0][2]
     eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN[template])
     with atomic_dir(out_dir) as tmp:
-        write_sharded(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        writer = ShardWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
+        for name, t in tensors:
+            writer.write(name, t.to(torch_dtype))
+        writer.close()
         config = config.__class__.from_dict(config.to_dict())
         config.dtype = torch_dtype
         config.use_cache = True

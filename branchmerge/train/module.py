@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from branchmerge.models import build_model
 from branchmerge.train.fisher import FisherAccumulator
+from branchmerge.train.loss import chunked_token_loss_sum, token_loss_sum  # noqa: F401 (re-export)
 from branchmerge.train.parallel import shard_fsdp2
 from branchmerge.train.schedule import build_optimizer
 
@@ -31,16 +32,29 @@ log = logging.getLogger(__name__)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ over positions of -log p(labels[t+1] | ≤ t), ignoring label -100. logits (B, L, V), labels (B, L)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
+def accumulate_gradients(
+    model: torch.nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    backward: Callable[[torch.Tensor], None],
+    scale: float,
+) -> torch.Tensor:
+    """Forward and backward every micro-batch of one optimizer step; returns Σ of their loss sums.
+
+    Gradients are synchronised on every micro-batch: under FSDP2 each backward reduce-scatters into
+    the gradient shards, as ZeRO-3 does, so a rank never holds more than its shard of the gradient
+    (skipping the sync until the last micro-batch would keep an unsharded fp32 gradient of the whole
+    model on every rank: ~131 GB at 32B)."""
+    loss_sum = torch.zeros((), device=micro_batches[0]["input_ids"].device)
+    for mb in micro_batches:
+        part = loss_of(mb)
+        if hasattr(model, "unshard"):
+            # FSDP2: the loss used the output embedding inside the forward; gather it again for the
+            # backward (the model's outputs, which would trigger that, are not part of the loss)
+            model.unshard()
+        backward(part * scale)
+        loss_sum += part.detach()
+    return loss_sum
 
 
 class BranchSFT(L.LightningModule):
@@ -95,26 +109,37 @@ class BranchSFT(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token loss of one micro-batch (see branchmerge.train.loss).
+
+        The model's own forward runs with `logits_to_keep=1`, so its full-vocabulary projection of
+        every position never happens. The loss is computed from the decoder's final hidden states in a
+        forward hook, i.e. still inside the model's forward, where FSDP2 holds the output embedding
+        gathered (outside it, the weight is a shard again), and only at label positions, in chunks."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.model(**inputs, use_cache=False).logits
+        head = self.model.get_output_embeddings()
+        chunk = self.cfg.trainer.loss_chunk_tokens
+        losses: list[torch.Tensor] = []
+
+        def loss_hook(_module, _args, out) -> None:
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            losses.append(chunked_token_loss_sum(hidden, head.weight, batch["labels"], chunk, head.bias))
+
+        hook = self.model.get_decoder().register_forward_hook(loss_hook)
+        try:
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return losses[0]
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt, sched = self.optimizers(), self.lr_schedulers()
-        world = self.trainer.world_size
-        n_global = max(1, batch["n_label_tokens"])
-        micro = batch["micro_batches"]
-        loss_sum = torch.zeros((), device=self.device)
-        for i, mb in enumerate(micro):
-            mb = {k: v.to(self.device) for k, v in mb.items()}
-            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            part = token_loss_sum(self(mb), mb["labels"])
-            self.manual_backward(part * (world / n_global))
-            loss_sum += part.detach()
-        grad_norm = self._clip(self.cfg.optim.grad_clip)
-        if self.fisher is not None:
+        scale = self.trainer.world_size / max(1, batch["n_label_tokens"])
+        micro = [{k: v.to(self.device) for k, v in mb.items()} for mb in batch["micro_batches"]]
+        loss_sum = accumulate_gradients(self.model, micro, self, self.manual_backward, scale)
+        if self.fisher is not None:  # the step's own gradient, before clipping rescales it
             self.fisher.accumulate(self.model, self.global_step)
+        grad_norm = self._clip(self.cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()

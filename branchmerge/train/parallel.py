@@ -9,6 +9,7 @@ the weights a single-process run has. Non-persistent buffers (rotary inv_freq) a
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -86,15 +87,45 @@ def shard_fsdp2(
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The unsharded state dict on rank 0 (CPU), None on other ranks. Collective under FSDP2."""
+def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if (not dist.is_initialized() or dist.get_rank() == 0) else None
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def full_tensors(
+    named: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, the whole tensor on CPU) on rank 0, (name, None) elsewhere, one tensor at a time.
+
+    Collective when the tensors are sharded (every rank must walk the same names in the same order),
+    so at most one unsharded tensor exists per rank at any moment: exporting or writing a 32B model
+    never holds more than its largest tensor (the embedding) in full."""
+    from torch.distributed.tensor import DTensor
+
+    zero = global_rank() == 0
+    for name, t in named:
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        yield name, (full.detach().cpu() if zero else None)
+        del full
+
+
+def gradient_storage_numel(model: torch.nn.Module) -> int:
+    """Gradient entries this rank holds: its `.grad` shards plus any unsharded gradient FSDP2 keeps
+    between micro-batches that skipped gradient synchronisation (outside `.grad`)."""
+    total = 0
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad
+            total += (g.to_local() if hasattr(g, "to_local") else g).numel()
+    for m in model.modules():
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        group = getattr(state, "_fsdp_param_group", None)
+        for fp in getattr(group, "fsdp_params", []):
+            if fp.unsharded_accumulated_grad is not None:
+                total += fp.unsharded_accumulated_grad.numel()
+    return total

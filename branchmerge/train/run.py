@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ from branchmerge.data.datamodule import BranchDataModule
 from branchmerge.data.tokenize import check_template_tokens
 from branchmerge.models import load_tokenizer, model_config
 from branchmerge.train.checkpoint import AtomicCheckpoint, newest_checkpoint
-from branchmerge.train.export import export_hf
+from branchmerge.train.export import export_hf, export_plan
 from branchmerge.train.module import BranchSFT
-from branchmerge.train.parallel import full_state_dict
+from branchmerge.train.parallel import full_tensors
 
 log = logging.getLogger(__name__)
 
@@ -173,35 +172,41 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _finish(cfg, raw_cfg, trainer, module, dm, tokenizer, export_dir, seconds: float) -> float | None:
+    """Export and Fisher, streamed tensor by tensor (collective: every rank runs this; rank 0 writes)."""
     run_dir = export_dir.parent
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     final_loss = metrics.get("train/loss")
-    sd = full_state_dict(module.model)
-    fisher = module.fisher.full(module.model) if module.fisher is not None else None
+    model = module.model
     if trainer.is_global_zero:
         (run_dir / "data_stats.json").write_text(json.dumps(dm.stats, indent=2))
-        provenance = {
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "data_stats": dm.stats,
-            "final_loss": final_loss,
-            "steps": trainer.global_step,
-            "train_seconds": round(seconds, 1),  # this process's wall time (a resumed run: since the resume)
-            "accelerator": "cuda"
-            if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
-            else "cpu",
-            "world_size": trainer.world_size,
-            "hydra_overrides": _overrides(raw_cfg),
-        }
-        if cfg.export:
-            export_hf(
-                sd, module.model.config, tokenizer, cfg.data.template, export_dir, cfg.model.dtype, provenance
-            )
+    if cfg.export:
+        plan = export_plan(model, cfg.model.dtype)
+        wanted = {name for name, _, _ in plan}
+        gathered = full_tensors((n, t) for n, t in model.state_dict().items() if n in wanted)
+        if trainer.is_global_zero:
+            provenance = {
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "data_stats": dm.stats,
+                "final_loss": final_loss,
+                "steps": trainer.global_step,
+                "train_seconds": round(
+                    seconds, 1
+                ),  # this process's wall time (a resumed run: since the resume)
+                "accelerator": "cuda"
+                if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+                else "cpu",
+                "world_size": trainer.world_size,
+                "hydra_overrides": _overrides(raw_cfg),
+            }
+            export_hf(gathered, plan, model.config, tokenizer, cfg.data.template, export_dir, provenance)
             log.info("exported %s", export_dir)
-        if fisher is not None:
-            module.fisher.save(fisher, run_dir / "fisher.safetensors")
-            log.info(
-                "fisher importance over %d steps: %s", module.fisher.steps, run_dir / "fisher.safetensors"
-            )
+        else:
+            for _ in gathered:
+                pass
+    if module.fisher is not None:
+        module.fisher.write(model, run_dir / "fisher.safetensors")
+        log.info("fisher importance over %d steps: %s", module.fisher.steps, run_dir / "fisher.safetensors")
+    if trainer.is_global_zero:
         _summary(run_dir, dm.stats, final_loss, trainer.global_step)
     return final_loss
 

@@ -32,7 +32,8 @@ def build_optimizer(params, optim: Any, total_steps: int):
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False)
+    # foreach: one multi-tensor kernel per group instead of a Python loop over every parameter
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, total_steps, optim.warmup_ratio, optim.schedule, optim.min_lr_ratio)
     )
