@@ -141,10 +141,12 @@ class EvalRunnerConfig:
 
     backend: Literal["hf", "vllm"] = "hf"
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # auto: the checkpoint's own dtype (config.json) on GPU backends, float32 for hf on CPU
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     batch_size: int = 64
     max_model_len: int | None = None
     tensor_parallel_size: int = 1  # vLLM
+    data_parallel_size: int = 1  # vLLM: model replicas, each on tensor_parallel_size GPUs (needs ray)
     gpu_memory_utilization: float = 0.9  # vLLM
     seed: int = 1234
     threads: int | None = None  # torch intra-op threads (None = torch's default)

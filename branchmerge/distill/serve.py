@@ -2,18 +2,25 @@
 
     python -m branchmerge.distill.serve --model <hf folder> [--host 127.0.0.1] [--port 0]
                                         [--request-log requests.log] [--delay-s 0]
+                                        [--reasoning-field reasoning|reasoning_content]
 
 Prints "listening on http://HOST:PORT/v1" once ready (port 0 picks a free port). Endpoints:
     GET  /v1/models
     POST /v1/chat/completions  {"model", "messages", "n"=1, "temperature"=1, "top_p"=1, "max_tokens"=256,
                                 "seed"?}
       -> {"id", "object": "chat.completion", "created", "model",
-          "choices": [{"index", "message": {"role": "assistant", "content"}, "finish_reason": "stop"|"length"}],
+          "choices": [{"index", "message": {"role": "assistant", "content", <reasoning field>?},
+                       "finish_reason": "stop"|"length"}],
           "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
 Requests are generated one at a time (a lock around the model). With --request-log, the X-Request-Id
-header of every request is appended (and flushed) when it arrives, as "recv <id>", and as "done <id>"
-when its response was written: a test proves from it which requests a client sent. --delay-s adds
-latency per request (to simulate a slow teacher). For a real teacher use vLLM's own server instead.
+header of every request is appended (and flushed) when it arrives, as "recv <id> seed=<seed>", and as
+"done <id>" when its response was written: a test proves from it which requests a client sent, with
+which seeds. --delay-s adds latency per request (to simulate a slow teacher). The reply text starts
+with the think block the model's chat template opened (R1: `<think>\\n`, see `reopen_think`).
+--reasoning-field splits it as vLLM's `--reasoning-parser deepseek_r1` does: the reasoning (inside
+`<think>…</think>`, all of the text when never closed) goes to that field (`reasoning`, current vLLM;
+`reasoning_content`, DeepSeek's API and older vLLM), the rest to `content`. For a real teacher use
+vLLM's own server instead.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN, reopen_think
+
 
 def generate_chat(
     model, tok, messages, n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None = None
 ) -> tuple[list[dict[str, str]], dict[str, int]]:
-    """n sampled replies to a chat: ([{"text", "finish_reason"}] * n, usage)."""
+    """n sampled replies to a chat: ([{"text", "finish_reason"}] * n, usage).
+
+    Each text starts with the think block the rendered prompt opened, if it opened one.
+    """
     import torch
 
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -64,13 +76,32 @@ def generate_chat(
         kept = ids if stop is None else ids[:stop]
         completion += len(kept)
         reason = "stop" if stop is not None or len(ids) < max_tokens else "length"
-        samples.append({"text": tok.decode(kept, skip_special_tokens=True), "finish_reason": reason})
+        out_text = reopen_think(text, tok.decode(kept, skip_special_tokens=True))
+        samples.append({"text": out_text, "finish_reason": reason})
     prompt = int(enc["input_ids"].shape[1])
     return samples, {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, content) of `<think>reasoning</think>content`; all reasoning when never closed,
+    no reasoning when no think block was opened."""
+    if not text.lstrip().startswith(THINK_OPEN):
+        return "", text
+    body = text.lstrip()[len(THINK_OPEN) :]
+    reasoning, closed, content = body.partition(THINK_CLOSE)
+    return reasoning, content if closed else ""
+
+
+def message(text: str, reasoning_field: str | None) -> dict[str, str]:
+    """The assistant message of one choice: the whole text as content, or split (--reasoning-field)."""
+    if not reasoning_field:
+        return {"role": "assistant", "content": text}
+    reasoning, content = split_reasoning(text)
+    return {"role": "assistant", "content": content, reasoning_field: reasoning}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -99,13 +130,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
         rid = self.headers.get("X-Request-Id", "-")
-        self.server.log(f"recv {rid}")
         try:
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             messages, n = req["messages"], int(req.get("n", 1))
         except (ValueError, KeyError, TypeError) as e:
+            self.server.log(f"recv {rid} seed=-")
             self._send(400, {"error": {"message": f"bad request: {e!r}"}})
             return
+        self.server.log(f"recv {rid} seed={req.get('seed')}")
         if self.server.delay_s:
             time.sleep(self.server.delay_s)
         try:
@@ -126,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": s["text"]},
+                "message": message(s["text"], self.server.reasoning_field),
                 "finish_reason": s["finish_reason"],
             }
             for i, s in enumerate(samples)
@@ -151,6 +183,7 @@ def make_server(
     port: int = 0,
     request_log: str | None = None,
     delay_s: float = 0.0,
+    reasoning_field: str | None = None,
 ) -> ThreadingHTTPServer:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,7 +193,7 @@ def make_server(
     server.tok = AutoTokenizer.from_pretrained(model_dir)
     server.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     server.model_name = model_dir.rstrip("/").split("/")[-1]
-    server.lock, server.delay_s = threading.Lock(), delay_s
+    server.lock, server.delay_s, server.reasoning_field = threading.Lock(), delay_s, reasoning_field
     log_f = open(request_log, "a", encoding="utf-8") if request_log else None  # noqa: SIM115
     log_lock = threading.Lock()
 
@@ -181,8 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--request-log", default=None)
     ap.add_argument("--delay-s", type=float, default=0.0)
+    ap.add_argument("--reasoning-field", choices=("reasoning", "reasoning_content"), default=None)
     args = ap.parse_args(argv)
-    server = make_server(args.model, args.host, args.port, args.request_log, args.delay_s)
+    server = make_server(
+        args.model, args.host, args.port, args.request_log, args.delay_s, args.reasoning_field
+    )
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}/v1", flush=True)
     try:

@@ -3,6 +3,11 @@
 Used by the toy verifiers, the distillation filters and the lm-eval tasks, so every stage grades
 the same way. Rule everywhere: the answer is read from the text *after* the last `</think>`
 (decoy answers inside the reasoning never count); a generation with an unclosed `<think>` has no answer.
+
+R1-family chat templates open the think block themselves: the generation prompt ends with
+`<｜Assistant｜><think>\n`, so the model's text starts inside the reasoning and carries no `<think>`.
+Every place that renders a prompt puts that opening back (`reopen_think(prompt, text)`) before the
+text is filtered, stored or graded, so a generation cut off before `</think>` still reads as unclosed.
 """
 
 from __future__ import annotations
@@ -10,6 +15,27 @@ from __future__ import annotations
 import re
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_OPENED = re.compile(re.escape(THINK_OPEN) + r"\s*\Z")
+
+
+def opened_think(prompt: str) -> str:
+    """What the prompt ended with when it ends inside an opened think block (`<think>` + whitespace,
+    e.g. "<think>\\n" for R1's templates), else ""."""
+    m = _OPENED.search(prompt)
+    return m.group(0) if m else ""
+
+
+def reopen_think(prompt: str, text: str) -> str:
+    """`text` generated after `prompt`, with the think block the prompt opened put back in front.
+
+        reopen_think("...<｜Assistant｜><think>\\n", "a</think>b") == "<think>\\na</think>b"
+
+    Unchanged when the prompt opened nothing, or when the model wrote its own `<think>` anyway.
+    """
+    prefix = opened_think(prompt)
+    if not prefix or text.lstrip().startswith(THINK_OPEN):
+        return text
+    return prefix + text
 
 
 def final_part(text: str) -> str | None:

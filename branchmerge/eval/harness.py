@@ -10,6 +10,14 @@ it on the chosen backend (HF on CPU, vLLM on GPU) with the model's own chat temp
                               that moves a score (n, seed, temperature, top-p, max tokens, template,
                               backend, batch size, dataset file hash, model folder hash)
     <run dir>/samples.jsonl   one line per (task, question, sample): prompt id, response, verdict
+
+dtype=auto (the default) runs the checkpoint's own dtype (config.json `dtype`/`torch_dtype`) on GPU
+backends, float32 for hf on CPU; results.json records both the setting and the dtype it resolved to.
+vLLM runs data_parallel_size replicas of tensor_parallel_size GPUs each; their product must not
+exceed the visible GPUs. Templates that open the think block in the prompt (R1-family: the prompt
+ends with `<think>\\n`) get that opening put back in front of each generation before grading
+(`reopen_think`), so a generation cut off before `</think>` counts as unanswered instead of being
+graded on a box inside its unfinished reasoning; results.json counts these per task (`unclosed_think`).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
 from branchmerge.config.schema import EvalConfig
+from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN, opened_think, reopen_think
 from branchmerge.eval.results import summarize_task
 from branchmerge.merge.provenance import file_hash, versions
 
@@ -41,28 +50,101 @@ def model_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def resolve_dtype(cfg: Any) -> str:
+    """The dtype the model runs in: cfg.dtype, or for `auto` float32 on CPU hf and otherwise the
+    checkpoint's own (config.json `dtype`, or `torch_dtype` in older files; float32 when absent)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if cfg.backend == "hf" and str(cfg.device).startswith("cpu"):
+        return "float32"
+    config = json.loads((Path(cfg.model_path) / "config.json").read_text())
+    own = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if own not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"{cfg.model_path}/config.json: dtype {own!r} is not float32/bfloat16/float16; set dtype="
+        )
+    return own
+
+
+def check_gpus(cfg: Any, visible: int, has_ray: bool) -> None:
+    """Refuse a parallel layout that cannot run, before any model is loaded."""
+    tp, dp = cfg.tensor_parallel_size, cfg.data_parallel_size
+    if tp < 1 or dp < 1:
+        raise ValueError(f"tensor_parallel_size={tp} and data_parallel_size={dp} must be at least 1")
+    if cfg.backend != "vllm":
+        if tp * dp > 1:
+            raise ValueError(
+                f"tensor_parallel_size={tp} / data_parallel_size={dp} need backend=vllm (hf runs one device)"
+            )
+        return
+    if tp * dp > visible:
+        raise ValueError(
+            f"tensor_parallel_size={tp} x data_parallel_size={dp} = {tp * dp} GPUs, but {visible} are "
+            "visible (CUDA_VISIBLE_DEVICES): lower one, e.g. "
+            f"data_parallel_size={max(1, visible // tp)}"
+        )
+    if dp > 1 and not has_ray:
+        raise ValueError(
+            f"data_parallel_size={dp} needs ray (lm-eval runs each replica as a ray actor): "
+            "pip install ray, or set data_parallel_size=1"
+        )
+
+
+def lm_args(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of lm-eval's HFLM (backend=hf) or VLLM (backend=vllm)."""
+    dtype = resolve_dtype(cfg)
+    if cfg.backend == "hf":
+        return {
+            "pretrained": cfg.model_path,
+            "device": cfg.device,
+            "batch_size": cfg.batch_size,
+            "dtype": dtype,
+            "max_length": cfg.max_model_len,
+        }
+    return {
+        "pretrained": cfg.model_path,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "data_parallel_size": cfg.data_parallel_size,
+        "dtype": dtype,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "max_model_len": cfg.max_model_len,
+        "batch_size": "auto",
+        "seed": cfg.seed,
+    }
+
+
+def reopen_generations(lm: Any) -> Any:
+    """Make lm.generate_until put back the think block each request's prompt opened (R1 templates).
+
+    lm-eval's requests carry the rendered prompt as args[0]; an output `o` becomes
+    reopen_think(prompt, o), so graders see `<think>` and read only what follows `</think>`.
+    """
+    inner = lm.generate_until
+
+    def generate_until(requests: list, disable_tqdm: bool = False) -> list[str]:
+        outs = inner(requests, disable_tqdm=disable_tqdm)
+        return [reopen_think(req.args[0], o) for req, o in zip(requests, outs)]
+
+    lm.generate_until = generate_until
+    return lm
+
+
 def build_lm(cfg: Any):
+    from importlib.util import find_spec
+
+    if cfg.backend == "vllm":
+        import torch
+
+        check_gpus(cfg, torch.cuda.device_count(), find_spec("ray") is not None)
+    else:
+        check_gpus(cfg, 0, False)
     if cfg.backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(
-            pretrained=cfg.model_path,
-            device=cfg.device,
-            batch_size=cfg.batch_size,
-            dtype=cfg.dtype,
-            max_length=cfg.max_model_len,
-        )
+        return reopen_generations(HFLM(**lm_args(cfg)))
     from lm_eval.models.vllm_causallms import VLLM
 
-    return VLLM(
-        pretrained=cfg.model_path,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        dtype=cfg.dtype,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_model_len,
-        batch_size="auto",
-        seed=cfg.seed,
-    )
+    return reopen_generations(VLLM(**lm_args(cfg)))
 
 
 def _dataset_file(task: str, cfg: Any) -> Path | None:
@@ -105,6 +187,7 @@ def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
         responses = [
             r for group in s["filtered_resps"] for r in (group if isinstance(group, list) else [group])
         ]
+        opened = opened_think(s["arguments"][0][0]) if s.get("arguments") else ""
         for k, (resp, verdict) in enumerate(zip(responses, s["verdicts"])):
             doc = s["doc"]
             rows.append(
@@ -116,6 +199,7 @@ def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
                     "shuffle_seed": doc.get("shuffle_seed"),
                     "reference": doc.get("answer"),
                     "response": resp,
+                    "opened_by_prompt": opened if resp.startswith(opened) else "",
                     "verdict": int(verdict),
                 }
             )
@@ -144,7 +228,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "backend": cfg.backend,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
-        "dtype": cfg.dtype,
+        "dtype": resolve_dtype(cfg),
+        "dtype_setting": cfg.dtype,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "data_parallel_size": cfg.data_parallel_size,
         "chat_template": getattr(tokenizer, "chat_template", None),
         "versions": {**versions(), **_lm_eval_version()},
         "tasks": {},
@@ -155,12 +242,14 @@ def evaluate(cfg: DictConfig) -> dict:
             t1 = time.time()
             _, rows = run_task(lm, spec, cfg)
             for r in rows:
-                r["n_tokens"] = len(tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+                generated = r["response"][len(r["opened_by_prompt"]) :]
+                r["n_tokens"] = len(tokenizer(generated, add_special_tokens=False)["input_ids"])
                 f.write(json.dumps(r) + "\n")
             data_file = _dataset_file(spec.name, cfg)
             summary = summarize_task(rows, spec.max_gen_toks)
             summary.update(
                 {
+                    "unclosed_think": sum(unclosed(r["response"]) for r in rows),
                     "n": spec.n,
                     "temperature": spec.temperature,
                     "top_p": spec.top_p,
@@ -185,6 +274,11 @@ def evaluate(cfg: DictConfig) -> dict:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.info("results: %s", run_dir / "results.json")
     return results
+
+
+def unclosed(response: str) -> bool:
+    """A generation that opened a think block and never closed it (cut off by max_gen_toks)."""
+    return response.rfind(THINK_CLOSE) < response.rfind(THINK_OPEN)
 
 
 def _lm_eval_version() -> dict[str, str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from branchmerge.config import validate
 from branchmerge.config.schema import TeacherConfig
-from branchmerge.distill.teachers import GenRequest
+from branchmerge.distill.teachers import GenRequest, request_seed
 from branchmerge.distill.teachers.openai_api import OpenAITeacher, parse_choices
 
 
@@ -64,8 +65,9 @@ def test_retries_transient_errors_then_succeeds_with_the_configured_body():
     assert failed == [] and len(seen) == 5 and {k for k, _ in seen} == {"q1"}
     body = seen[-1][1]
     assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (2, 0.6, 0.95, 32768)
-    assert body["seed"] == 7 and body["stop"] == ["<eos>"] and body["model"] == "m"
+    assert body["seed"] == request_seed(7, "q1") and body["stop"] == ["<eos>"] and body["model"] == "m"
     assert [s["text"] for s in done[0].samples] == ["<think>x</think>0", "<think>x</think>1"]  # by index
+    assert [s["seed"] for s in done[0].samples] == [body["seed"]] * 2  # journalled with the samples
     assert done[0].usage == {"completion_tokens": 3}
 
 
@@ -95,14 +97,44 @@ def test_reasoning_content_is_joined_into_a_think_block():
     assert parse_choices(body, 1) == [{"text": "<think>\nbecause\n</think>\n\n42", "finish_reason": "stop"}]
 
 
+def _reasoning_body(field: str, reasoning: str, content: str | None) -> dict:
+    msg = {"role": "assistant", "content": content, field: reasoning}
+    return {"choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_either_reasoning_field_is_joined_into_a_think_block(field):
+    """Current vLLM servers (--reasoning-parser) name the field `reasoning`, DeepSeek's API and older
+    vLLM `reasoning_content`. Bug planted: reading only `reasoning_content` -> the vLLM reply is "42"
+    with its reasoning lost, and the format filter drops it."""
+    got = parse_choices(_reasoning_body(field, " because \n", "42"), 1)
+    assert got == [{"text": "<think>\nbecause\n</think>\n\n42", "finish_reason": "stop"}]
+
+
+def test_unsplit_r1_reply_gets_the_think_opening_its_prompt_had():
+    """A server without a reasoning parser returns what followed `<think>\n` in the prompt. Bug planted:
+    content taken as is -> "no <think>" for every R1 sample."""
+    body = {"choices": [{"index": 0, "message": {"content": "a</think>\n\n42"}, "finish_reason": "stop"}]}
+    assert parse_choices(body, 1)[0]["text"] == "<think>\na</think>\n\n42"
+    plain = {"choices": [{"index": 0, "message": {"content": "just 42"}, "finish_reason": "stop"}]}
+    assert parse_choices(plain, 1)[0]["text"] == "just 42"  # no think block at all: untouched
+    own = {"choices": [{"index": 0, "message": {"content": "<think>a</think>4"}, "finish_reason": "stop"}]}
+    assert parse_choices(own, 1)[0]["text"] == "<think>a</think>4"  # the model opened it itself
+
+
 def test_one_request_per_sample_gets_its_own_key_and_seed():
+    """Bug planted: seed + k per sample (as before) -> sample k of every question shares one seed."""
     from omegaconf import OmegaConf
 
     from branchmerge.data.records import Record
     from branchmerge.distill.domain import requests_for
 
     t = OmegaConf.create({"n": 2, "n_per_request": False})
-    reqs = requests_for([Record("q", "math", "s", [{"role": "user", "content": "x"}], "1")], t)
-    assert [(r.key, r.seed_id, r.n) for r in reqs] == [("q#0", "q", 1), ("q#1", "q", 1)]
+    recs = [Record(q, "math", "s", [{"role": "user", "content": q}], "1") for q in ("q", "r")]
+    reqs = requests_for(recs, t)
+    assert [(r.key, r.seed_id, r.n) for r in reqs][:2] == [("q#0", "q", 1), ("q#1", "q", 1)]
     teacher = OpenAITeacher(_cfg(n=2, n_per_request=False))
-    assert [teacher.body(r)["seed"] for r in reqs] == [7, 8]
+    seeds = [teacher.body(r)["seed"] for r in reqs]
+    assert len(set(seeds)) == 4 and seeds == [request_seed(7, r.key) for r in reqs]
+    assert seeds == [OpenAITeacher(_cfg(n=2, n_per_request=False)).body(r)["seed"] for r in reqs]
+    assert "seed" not in OpenAITeacher(_cfg(seed=None)).body(reqs[0])  # null: the server draws

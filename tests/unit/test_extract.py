@@ -10,6 +10,8 @@ from branchmerge.eval.extract import (
     last_boxed,
     last_code_block,
     normalize_output,
+    opened_think,
+    reopen_think,
 )
 
 
@@ -69,3 +71,25 @@ def test_last_code_block():
 def test_normalize_output():
     assert normalize_output("a  \nb\n\n") == "a\nb"
     assert normalize_output("\n[1, 2]\n") == "[1, 2]"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "text", "expected"),
+    [
+        ("<｜User｜>q<｜Assistant｜><think>\n", "a</think>b", "<think>\na</think>b"),  # R1: put back
+        ("<｜User｜>q<｜Assistant｜><think>\n", "cut off \\boxed{3}", "<think>\ncut off \\boxed{3}"),
+        ("<｜User｜>q<｜Assistant｜><think>", "a</think>b", "<think>a</think>b"),  # exactly as it ended
+        ("<｜User｜>q<｜Assistant｜><think>\n", "<think>a</think>b", "<think>a</think>b"),  # model reopened
+        ("<|im_start|>assistant\n", "a</think>b", "a</think>b"),  # ChatML opens nothing
+        ("<think>\n\n</think>\n\n", "b", "b"),  # thinking switched off: the block is already closed
+    ],
+)
+def test_reopen_think_puts_back_what_the_prompt_opened(prompt, text, expected):
+    """Bug planted: reopen_think returning text unchanged -> the cut-off R1 generation keeps a gradable
+    box (final_part sees no think block) instead of having none."""
+    got = reopen_think(prompt, text)
+    assert got == expected
+    if got != text:
+        assert opened_think(prompt) + text == got
+    if "cut off" in text:
+        assert last_boxed(got) is None and last_boxed(text) == "3"

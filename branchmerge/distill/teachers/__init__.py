@@ -8,10 +8,15 @@ the journal (one JSON line, flushed and fsynced) *before* it counts as done; a r
 journal and sends only the requests that are not in it, so no finished request is ever paid for twice.
 The journal's first line records the teacher settings; resuming with different settings is an error
 (delete the journal to regenerate). A torn last line (the process died mid-write) is cut off.
+
+Seeds: every request gets its own, `request_seed(teacher.seed, key)`, a hash of the teacher's seed and
+the request key ("<id>" or "<id>#<k>"), so sample k of a question sent alone never repeats sample 0,
+and a resumed job re-sends exactly the requests it would have sent. Each sample records its seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,9 +46,22 @@ class GenRequest:
 class GenResult:
     key: str
     seed_id: str
-    samples: list[dict[str, str]]  # [{"text": str, "finish_reason": "stop" | "length" | ...}] * n
+    samples: list[dict[str, Any]]  # [{"text": str, "finish_reason": "stop" | "length" | ..., "seed"}] * n
     usage: dict[str, int] = field(default_factory=dict)
     model: str = ""
+
+
+def request_seed(base: int | None, key: str) -> int | None:
+    """The seed of one request: the first 31 bits of sha256("<base>/<key>"); None when base is None
+    (no seed sent: the backend draws its own, and samples are not reproducible)."""
+    if base is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{base}/{key}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def with_seed(samples: list[dict[str, Any]], seed: int | None) -> list[dict[str, Any]]:
+    """The samples of one request, each recording the seed the request was sent with."""
+    return [{**s, "seed": seed} for s in samples]
 
 
 class Teacher(Protocol):

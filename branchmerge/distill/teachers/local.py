@@ -3,12 +3,18 @@
 - hf: one request at a time, `num_return_sequences=n`, sampling unless temperature == 0; journalled
   after each request. For tests and small models; `python -m branchmerge.distill.serve` serves the same
   generation over HTTP for the `openai` backend.
-- vllm: `LLM.chat` over chunks of `batch_size` requests with `SamplingParams(n, temperature, top_p,
-  max_tokens, seed)`; journalled after each chunk (a restart redoes at most one chunk). Imported only
-  when used, so CPU machines never need vllm.
+- vllm: prompts rendered with the teacher's own chat template, then `LLM.generate` over chunks of
+  `batch_size` requests with one `SamplingParams(n, temperature, top_p, max_tokens, seed)` per request;
+  journalled after each chunk (a restart redoes at most one chunk). Imported only when used, so CPU
+  machines never need vllm.
 - toy: the toy world's oracle. It knows every problem of the toy world (it wrote them) and answers
   with its trace; `corrupt` ({"wrong_answer": p, "unclosed_think": q}) damages a seeded share of the
   samples so the toy run shows the filters at work. Unknown prompts are an error.
+
+hf and vllm render the prompt themselves, so they see when the template opened the think block
+(R1-family: the prompt ends with `<｜Assistant｜><think>\\n`) and put that opening back in front of
+every sample (`reopen_think`); otherwise no R1 sample would pass the format filter. Each request is
+sampled with its own seed (`request_seed`), recorded with its samples.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from branchmerge.distill.teachers import GenRequest, GenResult
+from branchmerge.distill.teachers import GenRequest, GenResult, request_seed, with_seed
+from branchmerge.eval.extract import reopen_think
 
 log = logging.getLogger(__name__)
 
@@ -30,73 +37,86 @@ def _render(tok, messages: list[dict[str, str]]) -> str:
 
 
 class HFTeacher:
-    def __init__(self, cfg: Any):
-        if not cfg.model:
+    def __init__(self, cfg: Any, model: Any = None, tok: Any = None):
+        """`model`/`tok` given (tests): used as they are; else loaded from cfg.model in float32."""
+        if not cfg.model and model is None:
             raise ValueError("teacher=hf needs teacher.model (a local Hugging Face folder)")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.cfg = cfg
-        self.tok = AutoTokenizer.from_pretrained(cfg.model)
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
-        self.name = Path(cfg.model).name
+        if model is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def sample(self, messages: list[dict[str, str]], n: int) -> tuple[list[dict[str, str]], dict[str, int]]:
+            tok = AutoTokenizer.from_pretrained(cfg.model)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+        self.model, self.tok = model, tok
+        self.name = Path(cfg.model or "model").name
+
+    def sample(
+        self, messages: list[dict[str, str]], n: int, seed: int | None = None
+    ) -> tuple[list[dict[str, str]], dict[str, int]]:
         from branchmerge.distill.serve import generate_chat
 
+        c = self.cfg
         return generate_chat(
-            self.model,
-            self.tok,
-            messages,
-            n,
-            self.cfg.temperature,
-            self.cfg.top_p,
-            self.cfg.max_new_tokens,
-            self.cfg.seed,
+            self.model, self.tok, messages, n, c.temperature, c.top_p, c.max_new_tokens, seed
         )
 
     def run(self, requests: list[GenRequest], on_done: Callable[[GenResult], None]) -> list[str]:
         for req in requests:
-            samples, usage = self.sample(req.messages, req.n)
-            on_done(GenResult(req.key, req.seed_id, samples, usage, self.name))
+            seed = request_seed(self.cfg.seed, req.key)
+            samples, usage = self.sample(req.messages, req.n, seed)
+            on_done(GenResult(req.key, req.seed_id, with_seed(samples, seed), usage, self.name))
         return []
 
 
 class VLLMTeacher:
-    def __init__(self, cfg: Any):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as e:
-            raise ImportError("teacher=vllm needs vllm (pip install -e '.[gpu]') and a GPU") from e
+    def __init__(self, cfg: Any, llm: Any = None, sampling_params: Any = None):
+        """`llm`/`sampling_params` given (tests): a vllm.LLM-like engine and its SamplingParams class."""
         self.cfg = cfg
-        self.llm = LLM(
-            model=cfg.model,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            dtype=cfg.dtype,
-            seed=cfg.seed or 0,
-        )
-        self.params = SamplingParams
+        if llm is None:
+            try:
+                from vllm import LLM, SamplingParams
+            except ImportError as e:
+                raise ImportError("teacher=vllm needs vllm (pip install -e '.[gpu]') and a GPU") from e
+            llm = LLM(
+                model=cfg.model,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                dtype=cfg.dtype,
+                seed=cfg.seed or 0,
+            )
+            sampling_params = SamplingParams
+        self.llm, self.params = llm, sampling_params
+        self.tok = llm.get_tokenizer()
         self.name = str(cfg.model)
+
+    def _params(self, req: GenRequest, seed: int | None) -> Any:
+        c = self.cfg
+        return self.params(
+            n=req.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens, seed=seed
+        )
 
     def run(self, requests: list[GenRequest], on_done: Callable[[GenResult], None]) -> list[str]:
         step = max(1, self.cfg.batch_size)
         for i in range(0, len(requests), step):
             chunk = requests[i : i + step]
-            params = self.params(
-                n=chunk[0].n,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
-                max_tokens=self.cfg.max_new_tokens,
-                seed=self.cfg.seed,
-            )
-            outs = self.llm.chat([r.messages for r in chunk], params, use_tqdm=True)
-            for req, out in zip(chunk, outs):
-                samples = [{"text": o.text, "finish_reason": o.finish_reason or ""} for o in out.outputs]
+            texts = [_render(self.tok, r.messages) for r in chunk]
+            # token ids, not text: the template already wrote BOS, so no second one is added
+            prompts = [
+                {"prompt_token_ids": self.tok(t, add_special_tokens=False)["input_ids"]} for t in texts
+            ]
+            seeds = [request_seed(self.cfg.seed, r.key) for r in chunk]
+            params = [self._params(r, s) for r, s in zip(chunk, seeds)]
+            outs = self.llm.generate(prompts, params, use_tqdm=True)
+            for req, text, seed, out in zip(chunk, texts, seeds, outs):
+                samples = [
+                    {"text": reopen_think(text, o.text), "finish_reason": o.finish_reason or ""}
+                    for o in out.outputs
+                ]
                 usage = {
                     "prompt_tokens": len(out.prompt_token_ids),
                     "completion_tokens": sum(len(o.token_ids) for o in out.outputs),
                 }
-                on_done(GenResult(req.key, req.seed_id, samples, usage, self.name))
+                on_done(GenResult(req.key, req.seed_id, with_seed(samples, seed), usage, self.name))
         return []
 
 

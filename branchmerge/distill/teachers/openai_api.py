@@ -2,13 +2,19 @@
 
     POST {base_url}/chat/completions   {"model", "messages", "n", "temperature", "top_p", "max_tokens",
                                         "seed"?, **extra_body}   header X-Request-Id: <request key>
-    -> {"choices": [{"index", "message": {"content", "reasoning_content"?}, "finish_reason"}], "usage"}
+    -> {"choices": [{"index", "message": {"content", "reasoning"? | "reasoning_content"?},
+                     "finish_reason"}], "usage"}
 
 Asynchronous (httpx) with at most `concurrency` requests in flight, a per-request `timeout_s`, and
 retries with exponential backoff (backoff_s * 2^attempt, capped at backoff_max_s, jittered; a
 Retry-After header wins) on connection errors, timeouts, 408/409/429 and 5xx. Other 4xx fail at once.
-An API that returns R1's reasoning separately (`reasoning_content`, as DeepSeek's does) is joined back
-into `<think>reasoning</think>answer`. The API key is read from the environment variable `api_key_env`.
+A server that returns R1's reasoning separately is joined back into `<think>\\nreasoning\\n</think>\\n\\nanswer`:
+the field is `reasoning` on current vLLM servers (`--reasoning-parser`), `reasoning_content` on
+DeepSeek's API and older vLLM; whichever is present is read. A server that does not split (no parser)
+returns the text after the prompt, which for R1-family templates starts inside the think block the
+prompt opened: a reply with a `</think>` but no `<think>` before it gets the `<think>\\n` back.
+The seed of each request is `request_seed(teacher.seed, key)` (see teachers/__init__.py); no seed is
+sent when teacher.seed is null. The API key is read from the environment variable `api_key_env`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any
 import httpx
 from omegaconf import DictConfig, OmegaConf
 
-from branchmerge.distill.teachers import GenRequest, GenResult
+from branchmerge.distill.teachers import GenRequest, GenResult, request_seed, with_seed
+from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -33,17 +40,25 @@ class _Fatal(Exception):
     """A response that retrying cannot fix (bad request, auth, malformed body)."""
 
 
+def message_text(msg: dict) -> str:
+    """One reply as `<think>reasoning</think>answer`, however the server returned the reasoning."""
+    text = msg.get("content") or ""
+    reasoning = msg.get("reasoning") or msg.get("reasoning_content")
+    if reasoning:
+        return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{text.strip()}"
+    head, closed, _ = text.partition(THINK_CLOSE)
+    if closed and THINK_OPEN not in head:  # the prompt opened the think block (R1 templates)
+        return f"{THINK_OPEN}\n{text}"
+    return text
+
+
 def parse_choices(body: dict, n: int) -> list[dict[str, str]]:
     """[{"text", "finish_reason"}] from a chat-completions response, in choice order."""
     try:
         choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
         out = []
         for c in choices:
-            msg = c["message"]
-            text = msg.get("content") or ""
-            if msg.get("reasoning_content"):
-                text = f"<think>\n{msg['reasoning_content'].strip()}\n</think>\n\n{text.strip()}"
-            out.append({"text": text, "finish_reason": c.get("finish_reason") or ""})
+            out.append({"text": message_text(c["message"]), "finish_reason": c.get("finish_reason") or ""})
     except (KeyError, TypeError, AttributeError) as e:
         raise _Fatal(f"malformed chat-completions response: {e!r}: {str(body)[:200]}") from e
     if len(out) != n:
@@ -72,8 +87,9 @@ class OpenAITeacher:
             "top_p": c.top_p,
             "max_tokens": c.max_new_tokens,
         }
-        if c.seed is not None:  # sample k of a question sent alone ("<id>#<k>") gets seed + k
-            body["seed"] = c.seed + (int(req.key.rsplit("#", 1)[1]) if "#" in req.key else 0)
+        seed = request_seed(c.seed, req.key)
+        if seed is not None:
+            body["seed"] = seed
         extra = c.extra_body or {}
         return {**body, **(OmegaConf.to_container(extra) if isinstance(extra, DictConfig) else dict(extra))}
 
@@ -100,7 +116,7 @@ class OpenAITeacher:
                     return GenResult(
                         req.key,
                         req.seed_id,
-                        parse_choices(body, req.n),
+                        with_seed(parse_choices(body, req.n), request_seed(self.cfg.seed, req.key)),
                         body.get("usage") or {},
                         body.get("model", ""),
                     )
