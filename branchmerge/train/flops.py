@@ -77,9 +77,13 @@ class ModelShape:
     head_dim: int | None = None  # None = hidden // heads
     qkv_bias: bool = True
 
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
     @property
     def d_head(self) -> int:
-        return self.head_dim or self.hidden // self.heads
+        return self.head_dim
 
     @property
     def d_attn(self) -> int:

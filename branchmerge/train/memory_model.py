@@ -25,7 +25,8 @@ Activations with checkpointing per decoder layer:  every layer's input b T h, pl
     Without checkpointing every layer keeps its saved tensors.
 Loss (cross-entropy over V in chunks of C tokens, C = T when 0):  12 C V (logits in b, their fp32 copy,
     fp32 log-softmax and its gradient; measured 12.0-12.8 bytes per logit on CPU) + b V h (a chunk's
-    LM-head gradient before it is added) + 2 b T h (final hidden states and their gradient); the
+    LM-head gradient before it is added) + 4 b T h (final hidden states, their label-position copy, their
+    gradient and a chunk's slice-backward buffer); the
     unsharded LM-head gradient b V h lives from the loss to the end of the backward.
 Root reduce-scatter (end of backward):  root grads b N_root + fp32 reduce-scatter input 4 N_root.
 """
@@ -93,7 +94,7 @@ def loss_peak_bytes(shape: ModelShape, tokens: int, chunk: int, b: int) -> float
     return (
         LOSS_BYTES_PER_LOGIT * c * shape.vocab
         + b * shape.vocab * shape.hidden
-        + 2 * b * tokens * shape.hidden
+        + 4 * b * tokens * shape.hidden
     )
 
 

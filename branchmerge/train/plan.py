@@ -304,9 +304,11 @@ def what_to_change(cfg: Any, inputs: MemoryInputs) -> str:
     if not inputs.gradient_checkpointing and memory(replace(inputs, gradient_checkpointing=True)).fits:
         return "enable gradient checkpointing (trainer.gradient_checkpointing=true)"
     for chunk in (4096, 2048, 1024, 512):
-        if 0 < chunk < (inputs.loss_chunk_tokens or inputs.tokens):
-            if memory(replace(inputs, loss_chunk_tokens=chunk)).fits:
-                return f"lower trainer.loss_chunk_tokens to {chunk} (now {inputs.loss_chunk_tokens or 'whole row'})"
+        smaller = 0 < chunk < (inputs.loss_chunk_tokens or inputs.tokens)
+        if smaller and memory(replace(inputs, loss_chunk_tokens=chunk)).fits:
+            return (
+                f"lower trainer.loss_chunk_tokens to {chunk} (now {inputs.loss_chunk_tokens or 'whole row'})"
+            )
     if inputs.fsdp:
         devices = int(cfg.trainer.devices)
         for nodes in range(cfg.trainer.num_nodes + 1, 129):
