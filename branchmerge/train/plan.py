@@ -109,14 +109,14 @@ class Plan:
         m = self.memory
         lines = [
             f"plan: {self.name}  ({self.shape.n_params() / 1e9:.2f} B params, {self.world} ranks, {self.gpu})",
-            f"{'memory per GPU':<46}{'GiB':>9}",
+            f"{'memory per GPU':<50}{'GiB':>9}",
         ]
-        lines += [f"  {k:<44}{v / GiB:>9.2f}" for k, v in m.components.items()]
-        lines += [f"  peak in phase '{k}'".ljust(46) + f"{v / GiB:>9.2f}" for k, v in m.phases.items()]
+        lines += [f"  {k:<48}{v / GiB:>9.2f}" for k, v in m.components.items()]
+        lines += [f"  peak in phase '{k}'".ljust(50) + f"{v / GiB:>9.2f}" for k, v in m.phases.items()]
         lines += [
-            f"  {'+ allocator fragmentation margin':<44}{m.fragmentation_bytes / GiB:>9.2f}",
-            f"  {'+ CUDA context, NCCL and cuBLAS workspaces':<44}{m.context_bytes / GiB:>9.2f}",
-            f"{'total vs card':<46}{m.total_bytes / GiB:>9.2f} of {m.card_bytes / GiB:.1f}"
+            f"  {'+ allocator fragmentation margin':<48}{m.fragmentation_bytes / GiB:>9.2f}",
+            f"  {'+ CUDA context, NCCL and cuBLAS workspaces':<48}{m.context_bytes / GiB:>9.2f}",
+            f"{'total vs card':<50}{m.total_bytes / GiB:>9.2f} of {m.card_bytes / GiB:.1f}"
             + ("  fits" if m.fits else "  DOES NOT FIT"),
         ]
         if self.data is not None:
