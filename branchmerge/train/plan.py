@@ -10,7 +10,7 @@
 `plan.*` keys (all optional, on the command line only): records, mean_tokens (tokens per trace after the
 template), packing_efficiency, length_cv (std/mean of trace lengths), mfu (default 0.35), gpu (default
 H100-SXM; see GPUS), gpu_memory_gib, cuda_context_gib (default 2), fragmentation (default 0.10).
-Memory model: branchmerge.train.memory_model below; FLOPs: branchmerge.train.flops.
+The memory model (components, phases, equations) is in branchmerge.train.memory_model; FLOPs in branchmerge.train.flops.
 """
 
 from __future__ import annotations
