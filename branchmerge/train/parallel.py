@@ -126,6 +126,9 @@ def gradient_storage_numel(model: torch.nn.Module) -> int:
         state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
         group = getattr(state, "_fsdp_param_group", None)
         for fp in getattr(group, "fsdp_params", []):
-            if fp.unsharded_accumulated_grad is not None:
+            if fp.unsharded_accumulated_grad is not None:  # kept in the reduce dtype (bf16 compute)
                 total += fp.unsharded_accumulated_grad.numel()
+            unsharded = getattr(fp, "_unsharded_param", None)
+            if unsharded is not None and unsharded.grad is not None:  # kept as computed
+                total += unsharded.grad.numel()
     return total
