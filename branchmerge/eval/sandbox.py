@@ -5,15 +5,17 @@
 
 Shared by the toy code verifier, LiveCodeBench grading and distillation's code filter. Isolations:
 
-- `bwrap` (default): bubblewrap puts the program in fresh mount, PID, network, IPC, UTS and cgroup
-  namespaces: a read-only view of /usr and the interpreter, private size-capped tmpfs working
-  directory and /tmp, its own /proc (only its own processes), no network device but loopback, an
-  empty environment, no capabilities, no further user namespaces. Its own PID namespace dies with
-  its init, so the whole tree (daemonised grandchildren too) is killed at the wall limit. Not root:
-  bwrap runs unprivileged in a user namespace (RLIMIT_NPROC then counts per namespace). Root: bwrap
-  runs privileged, keeps only CAP_SETUID/SETGID, and the runner switches to an unprivileged uid
-  (UID_BASE + slot, one per concurrent program) before the program starts: RLIMIT_NPROC does not bind
-  uid 0, and a root-owned file stays unreadable/unwritable. Missing or broken bubblewrap raises
+- `bwrap` (default): bubblewrap puts the program in fresh user, mount, PID, network, IPC, UTS and
+  cgroup namespaces: a read-only view of /usr and the interpreter, private size-capped tmpfs working
+  directory and /tmp, its own /proc (only its own processes), no network but an isolated loopback,
+  an empty environment, no capabilities, no further user namespaces (--disable-userns), no new
+  privileges. Its PID namespace dies with its init, so the whole tree (daemonised grandchildren
+  too) is killed at the wall limit. bwrap always runs unprivileged: a root caller first switches it
+  to a uid of its own (UID_BASE + slot, no account, nothing on the host owned by it), because
+  RLIMIT_NPROC never binds uid 0 (fork bombs) and uid 0 owns the host's files. RLIMIT_NPROC then
+  counts the processes of the program's own user namespace. The interpreter is this Python's base
+  interpreter, or for a root caller whose interpreter an unprivileged uid cannot read (e.g. under
+  /root) the distribution's python of the same version. Missing or broken bubblewrap raises
   SandboxUnavailableError (fail closed).
 - `process` (explicit opt-in only, logged as a warning): a plain child process with the same
   rlimits and an audit hook; no OS boundary, see PROCESS_WARNING.
@@ -60,19 +62,20 @@ PROCESS_WARNING = (
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 _WORK = "/work"  # the program's working directory inside bwrap
 
-# argv: main.py cpu_s memory_mb file_size_mb max_open_files max_processes uid (-1: keep)
+# argv: main.py cpu_s memory_mb file_size_mb max_open_files max_processes as_init (1: PID 1 of bwrap)
 _RUNNER = r"""
 import os, resource, sys
 _src = open(sys.argv[1]).read()
-_cpu, _mem, _fsz, _nof, _npr, _uid = map(int, sys.argv[2:8])
+_cpu, _mem, _fsz, _nof, _npr, _init = map(int, sys.argv[2:8])
+if _init:  # the namespace's PID 1 waits; the program runs as its child, where signals act as usual
+    _pid = os.fork()
+    if _pid:
+        _st = os.waitpid(_pid, 0)[1]
+        os._exit(128 + os.WTERMSIG(_st) if os.WIFSIGNALED(_st) else os.WEXITSTATUS(_st))
 for _r, _v in ((resource.RLIMIT_CPU, (_cpu, _cpu + 1)), (resource.RLIMIT_AS, (_mem << 20,) * 2),
                (resource.RLIMIT_FSIZE, (_fsz << 20,) * 2), (resource.RLIMIT_NOFILE, (_nof,) * 2),
                (resource.RLIMIT_NPROC, (_npr,) * 2), (resource.RLIMIT_CORE, (0, 0))):
     resource.setrlimit(_r, _v)
-if _uid >= 0:
-    os.setgroups([]); os.setgid(_uid); os.setuid(_uid)
-    if os.getuid() == 0 or os.geteuid() == 0:
-        sys.exit("sandbox: could not leave uid 0")
 _ROOT = os.path.realpath(os.getcwd())
 _BLOCKED = ("socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo", "os.fork",
             "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system", "subprocess.Popen",
@@ -156,6 +159,7 @@ def provenance() -> dict:
         "isolation": iso,
         "tool": f"bubblewrap {'.'.join(map(str, _bwrap_version(path)))}" if path else None,
         "uid": "per-program unprivileged uid" if iso == "bwrap" and os.geteuid() == 0 else "caller's",
+        "interpreter": _chosen.get(_key(path)) if path else sys.executable,
         "workers": workers(),
         "warning": PROCESS_WARNING if iso == "process" else None,
     }
@@ -174,17 +178,17 @@ def run_python(
     wall = timeout_s if timeout_s is not None else limits.wall_s
     iso = isolation or _settings["isolation"]
     if iso == "bwrap":
-        bwrap = check()
+        bwrap, interp = check()
         with _uid_slot() as uid:
-            return _run_bwrap(bwrap, program, stdin, limits, wall, uid)
+            return _run_bwrap(bwrap, interp, program, stdin, limits, wall, uid)
     if iso == "process":
         return _run_process(program, stdin, limits, wall)
     raise ValueError(f"isolation={iso!r} is not one of {ISOLATIONS}")
 
 
-def _runner_args(main: str, limits: Limits, uid: int | None) -> list[str]:
-    nums = (limits.cpu_s, limits.memory_mb, limits.file_size_mb, limits.max_open_files)
-    return ["-I", "-S", "-c", _RUNNER, main, *map(str, nums), str(limits.max_processes), str(uid or -1)]
+def _runner_args(main: str, limits: Limits, as_init: bool) -> list[str]:
+    nums = (limits.cpu_s, limits.memory_mb, limits.file_size_mb, limits.max_open_files, limits.max_processes)
+    return ["-I", "-S", "-c", _RUNNER, main, *map(str, nums), str(int(as_init))]
 
 
 # ---- process isolation (opt-in) ------------------------------------------------------------------
@@ -195,7 +199,7 @@ def _run_process(program: str, stdin: str, limits: Limits, wall: float) -> Sandb
         work = Path(tmp) / "work"
         work.mkdir()
         (Path(tmp) / "main.py").write_text(program)
-        argv = [sys.executable, *_runner_args(str(Path(tmp) / "main.py"), limits, None)]
+        argv = [sys.executable, *_runner_args(str(Path(tmp) / "main.py"), limits, False)]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             t0 = time.monotonic()
             proc = subprocess.Popen(
@@ -223,11 +227,15 @@ def _communicate(proc: subprocess.Popen, stdin: str, wall: float) -> bool:
 # ---- bubblewrap isolation ------------------------------------------------------------------------
 
 _probe_lock = threading.Lock()
-_probed: set[tuple[str, bool]] = set()
+_chosen: dict[tuple[str, bool], str] = {}  # (bwrap, caller is root) -> the interpreter that works
 
 
-def check() -> str:
-    """The bwrap executable on PATH, once proven to start a sandbox; SandboxUnavailableError if not."""
+def _key(bwrap: str) -> tuple[str, bool]:
+    return os.path.realpath(bwrap), os.geteuid() == 0
+
+
+def check() -> tuple[str, str]:
+    """(bwrap on PATH, interpreter), once proven to run a program; SandboxUnavailableError if not."""
     path = shutil.which("bwrap")
     if path is None:
         raise SandboxUnavailableError(
@@ -235,12 +243,10 @@ def check() -> str:
             f"({os.environ.get('PATH', '')}): install it with `{INSTALL}` (or `make setup` as root), "
             "or choose the weaker in-process guard explicitly with sandbox.isolation=process"
         )
-    key = (os.path.realpath(path), os.geteuid() == 0)
     with _probe_lock:
-        if key not in _probed:
-            _probe(path)
-            _probed.add(key)
-    return path
+        if _key(path) not in _chosen:
+            _chosen[_key(path)] = _probe(path)
+    return path, _chosen[_key(path)]
 
 
 @lru_cache(maxsize=8)
@@ -252,7 +258,27 @@ def _bwrap_version(path: str) -> tuple[int, ...]:
         return (0,)
 
 
-def _probe(path: str) -> None:
+def _interpreters() -> list[str]:
+    """This Python's base interpreter; for a root caller only those an unprivileged uid can run
+    (every directory above world-searchable), with the distribution's of the same version next."""
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if os.geteuid() != 0:
+        return [base]
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cands = [base] + [os.path.realpath(f"{d}/python{v}") for d in ("/usr/bin", "/usr/local/bin")]
+    return [p for p in dict.fromkeys(cands) if os.path.exists(p) and _others_can_run(p)]
+
+
+def _others_can_run(interp: str) -> bool:
+    p = Path(interp)
+    stdlib = p.parent.parent / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    dirs = [*p.parents, stdlib]
+    return all(os.stat(d).st_mode & 0o005 == 0o005 for d in dirs if d.exists()) and bool(
+        os.stat(p).st_mode & 0o001
+    )
+
+
+def _probe(path: str) -> str:
     version = _bwrap_version(path)
     if version < MIN_BWRAP:
         raise SandboxUnavailableError(
@@ -260,18 +286,21 @@ def _probe(path: str) -> None:
             f"{'.'.join(map(str, MIN_BWRAP))} (--size, --disable-userns): `{INSTALL}` from a newer "
             "release (Debian 12, Ubuntu 24.04), or sandbox.isolation=process to opt out"
         )
-    with _uid_slot() as uid:
-        r = _run_bwrap(path, "print(6 * 7)", "", Limits(), 20.0, uid)
-    if r.status != "ok" or r.stdout != "42\n":
+    cands, detail = _interpreters(), "no interpreter an unprivileged uid can read"
+    for interp in cands:
+        with _uid_slot() as uid:
+            r = _run_bwrap(path, interp, "print(6 * 7)", "", Limits(), 20.0, uid)
+        if r.status == "ok" and r.stdout == "42\n":
+            return interp
         detail = (r.stderr.strip().splitlines() or [r.reason])[-1]
-        raise SandboxUnavailableError(
-            f"bubblewrap at {path} could not start a sandbox ({detail}). It needs to create "
-            "namespaces: run as root, or allow unprivileged user namespaces (sysctl "
-            "kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
-            "kernel.apparmor_restrict_unprivileged_userns=0); in a container, allow unshare/mount "
-            f"(e.g. docker --privileged). Install or repair with `{INSTALL}`, or opt out with "
-            "sandbox.isolation=process"
-        )
+    raise SandboxUnavailableError(
+        f"bubblewrap at {path} could not start a sandbox with {cands or sys.executable} ({detail}). "
+        "It needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on "
+        "Ubuntu 24.04 also kernel.apparmor_restrict_unprivileged_userns=0; in a container, allow "
+        "unshare/mount, e.g. docker --privileged) and, as root, a Python an unprivileged uid can "
+        f"read (e.g. apt-get install python{sys.version_info.major}.{sys.version_info.minor}). "
+        f"Install or repair bubblewrap with `{INSTALL}`, or opt out with sandbox.isolation=process"
+    )
 
 
 _slot_lock = threading.Lock()
@@ -280,8 +309,8 @@ _slots: set[int] = set()
 
 @contextlib.contextmanager
 def _uid_slot():
-    """Root only: a uid of its own for this program (None otherwise), so one program's process count
-    (RLIMIT_NPROC counts per uid) never starves another running at the same time."""
+    """Root only: a uid of its own for this program (None otherwise): bwrap then runs unprivileged,
+    and concurrent programs cannot signal or trace each other."""
     if os.geteuid() != 0:
         yield None
         return
@@ -295,67 +324,56 @@ def _uid_slot():
             _slots.discard(slot)
 
 
-@lru_cache(maxsize=1)
-def _system_view() -> tuple[str, ...]:
+@lru_cache(maxsize=4)
+def _system_view(interp: str) -> tuple[str, ...]:
     """bwrap arguments for a read-only view of the system: /usr, its merged-/usr links, the
-    interpreter's own prefix, and the few /etc files the loader and `time` read."""
+    interpreter's prefix, and the few /etc files the loader and `time` read."""
     args = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
-    interp = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
-    prefixes.add(os.path.dirname(os.path.dirname(interp)))
-    made: set[str] = set()
-    for p in sorted(prefixes):
-        if any(p == t or p.startswith(t + "/") for t in ("/usr", "/bin", "/lib", "/lib64")):
-            continue
-        for parent in reversed(Path(p).parents[:-1]):  # bwrap would make them 0700, like /root
-            if str(parent) not in made:
-                made.add(str(parent))
-                args += ["--perms", "0755", "--dir", str(parent)]
-        args += ["--ro-bind", p, p]
+    prefix = os.path.dirname(os.path.dirname(interp))
+    if not any(prefix == t or prefix.startswith(t + "/") for t in ("/usr", "/bin", "/lib", "/lib64")):
+        for parent in reversed(Path(prefix).parents[:-1]):  # bwrap would copy /root's 0700
+            args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind", prefix, prefix]
     for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime"):
         args += ["--ro-bind-try", f, f]
-    return (*args, interp)
+    return tuple(args)
 
 
-def _bwrap_argv(bwrap: str, limits: Limits, uid: int | None, prog_fd: int, info_fd: int) -> list[str]:
-    *view, interp = _system_view()
-    if uid is None:  # unprivileged: a user namespace of our own, no nested ones, no capabilities
-        ns = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
-    else:  # root: no user namespace (uid 0 would map to root); the runner drops to `uid`
-        ns = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-        ns += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+def _bwrap_argv(bwrap: str, interp: str, limits: Limits, prog_fd: int, info_fd: int) -> list[str]:
     size = str(limits.disk_mb << 20)
     env = [a for k, v in _ENV.items() for a in ("--setenv", k, v)]
     return [
-        bwrap, *ns, "--die-with-parent", "--new-session", "--hostname", "sandbox", *view,
+        bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+        "--die-with-parent", "--as-pid-1", "--new-session", "--hostname", "sandbox", *_system_view(interp),
         "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
         "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
         "--perms", "1777", "--size", size, "--tmpfs", _WORK,
         "--perms", "0444", "--ro-bind-data", str(prog_fd), "/sandbox/main.py",
         "--remount-ro", "/", "--chdir", _WORK, "--clearenv", *env, "--info-fd", str(info_fd),
-        "--", interp, *_runner_args("/sandbox/main.py", limits, uid),
+        "--", interp, *_runner_args("/sandbox/main.py", limits, True),
     ]  # fmt: skip
 
 
 def _run_bwrap(
-    bwrap: str, program: str, stdin: str, limits: Limits, wall: float, uid: int | None
+    bwrap: str, interp: str, program: str, stdin: str, limits: Limits, wall: float, uid: int | None
 ) -> SandboxResult:
     prog_fd = os.memfd_create("main.py")
     info_r, info_w = os.pipe()
+    ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     try:
         _write_all(prog_fd, program.encode())
         os.lseek(prog_fd, 0, os.SEEK_SET)
-        argv = _bwrap_argv(bwrap, limits, uid, prog_fd, info_w)
+        argv = _bwrap_argv(bwrap, interp, limits, prog_fd, info_w)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             t0 = time.monotonic()
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=out, stderr=err, env=_ENV, cwd="/",
-                pass_fds=(prog_fd, info_w), start_new_session=True,
+                pass_fds=(prog_fd, info_w), start_new_session=True, **ids,
             )  # fmt: skip
             os.close(info_w)
             info_w = -1
@@ -397,17 +415,21 @@ def _sandbox_init(info_fd: int, deadline: float) -> int | None:
 
 
 def _kill_tree(proc: subprocess.Popen, pidfd: int | None) -> None:
-    """SIGKILL the namespace init and wait until it (hence everything in the namespace) has exited;
-    then reap bwrap itself (which exits with its init; --die-with-parent covers the fallback)."""
+    """SIGKILL the namespace's PID 1 and wait until it (hence everything in the namespace) has
+    exited and bwrap has reaped it; killing bwrap is the fallback (--die-with-parent)."""
     if pidfd is not None:
         try:
             if proc.poll() is None:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 select.select([pidfd], [], [], 10.0)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10.0)
         finally:
             os.close(pidfd)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
