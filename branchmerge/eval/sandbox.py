@@ -131,8 +131,9 @@ class SandboxResult:
 _settings: dict = {"isolation": "bwrap", "workers": None}
 
 
-def configure(isolation: str = "bwrap", workers: int | None = None) -> None:
-    """Set the process-wide isolation and concurrency (from `sandbox:` in the eval/distill config)."""
+def configure(isolation: str = "bwrap", workers: int | None = None, verify_now: bool = False) -> None:
+    """Set the process-wide isolation and concurrency (from `sandbox:` in the eval/distill config);
+    `verify_now`: prove bwrap works now (before hours of generation), not at the first program."""
     if isolation not in ISOLATIONS:
         raise ValueError(f"sandbox.isolation={isolation!r} is not one of {ISOLATIONS}")
     if workers is not None and workers < 1:
@@ -140,6 +141,8 @@ def configure(isolation: str = "bwrap", workers: int | None = None) -> None:
     if isolation == "process":
         log.warning(PROCESS_WARNING)
     _settings.update(isolation=isolation, workers=workers)
+    if verify_now and isolation == "bwrap":
+        check()
 
 
 def isolation() -> str:

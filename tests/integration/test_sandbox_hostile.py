@@ -278,8 +278,13 @@ def test_secrets_in_files_and_environment_are_out_of_reach(host):
         "tried('etc', lambda: os.listdir('/etc'))\n"
     )
     env = eval(r.stdout.splitlines()[0])
-    assert "BM_HOSTILE_SECRET" not in env and set(env) <= {"PATH", "LANG", "PYTHONHASHSEED",
-                                                        "PYTHONDONTWRITEBYTECODE", "PWD"}
+    assert "BM_HOSTILE_SECRET" not in env and set(env) <= {
+        "PATH",
+        "LANG",
+        "PYTHONHASHSEED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PWD",
+    }
     assert "keys -> refused: FileNotFoundError" in r.stdout
 
 
@@ -303,7 +308,9 @@ def test_fork_bomb(host):
 def test_fork_bomb_does_not_starve_concurrent_programs(host):
     """Bug guarded: every program under one uid (RLIMIT_NPROC is per uid): a bomb next door makes
     an honest threaded program fail."""
-    bomb = host.fill("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    bomb = host.fill(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     honest = (
         "import threading\nout = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(8)]\n"
         "[t.start() for t in ts]\n[t.join() for t in ts]\nprint(sum(out))\n"
@@ -418,8 +425,10 @@ def test_output_exhaustion(host):
 
 def test_tcp_to_a_loopback_listener(host):
     """Bug guarded: the host network namespace shared (--share-net): connect() reaches 127.0.0.1."""
-    r = host.run(NET + "tried('tcp', lambda: tcp({tcp}))\ntried('python tcp', lambda: "
-                 "__import__('socket').create_connection(('127.0.0.1', {tcp}), timeout=1))\n")
+    r = host.run(
+        NET + "tried('tcp', lambda: tcp({tcp}))\ntried('python tcp', lambda: "
+        "__import__('socket').create_connection(('127.0.0.1', {tcp}), timeout=1))\n"
+    )
     assert "tcp -> (" in r.stdout and "python tcp -> refused" in r.stdout
     assert ", 0, " not in r.stdout.split("tcp -> ")[1].split("\n")[0]  # connect() returned -1
 
