@@ -14,7 +14,18 @@ export SQLALCHEMY_SILENCE_UBER_WARNING ?= 1
 
 .PHONY: setup test test-fast demo lint format clean bench-train bench-merge
 
+# The code sandbox needs bubblewrap (`bwrap`): installed here as root on Debian/Ubuntu, else the
+# command is printed (evaluating or distilling code fails closed without it).
 setup: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the code sandbox)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; \
+	  else \
+	    echo "bubblewrap (bwrap) is missing: generated code will not run. Install it with:"; \
+	    echo "  sudo apt-get install bubblewrap    (Fedora: sudo dnf install bubblewrap)"; \
+	  fi; }
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from branchmerge.config.schema import PathsConfig
+from branchmerge.config.schema import PathsConfig, SandboxConfig
 
 
 @dataclass
@@ -99,3 +99,4 @@ class DistillConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     student_tokenizer: str | None = None  # HF folder or hub id; counts tokens for selection.max_tokens
     on_bad_row: Literal["skip", "raise"] = "skip"
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # how code verification runs programs

@@ -135,6 +135,14 @@ class WandbTrialConfig:
     group: str | None = None  # default: the sweep's name
 
 
+@dataclass
+class SandboxConfig:
+    """How generated programs run (branchmerge/eval/sandbox.py): LiveCodeBench, toy code, distillation."""
+
+    isolation: Literal["bwrap", "process"] = "bwrap"  # process: weaker in-process guard, opt-in only
+    workers: int | None = None  # programs run at once when grading code; None = the CPU count
+
+
 @dataclass(kw_only=True)
 class EvalRunnerConfig:
     """How a model is run for scoring: shared by evaluate.py (EvalConfig) and scored merges (ScoreConfig)."""
@@ -150,6 +158,7 @@ class EvalRunnerConfig:
     gpu_memory_utilization: float = 0.9  # vLLM
     seed: int = 1234
     threads: int | None = None  # torch intra-op threads (None = torch's default)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # how generated code is run
 
 
 @dataclass

@@ -22,6 +22,7 @@ from branchmerge.config.schema import DistillConfig
 from branchmerge.distill.dedup import NgramIndex
 from branchmerge.distill.domain import Context, _write_json, plain, run_domain
 from branchmerge.distill.sources import expand
+from branchmerge.eval import sandbox
 from branchmerge.toy.world import SplitSpec, build_world, check_knobs_all, sha256_file
 from branchmerge.utils.git import git_revision
 
@@ -35,6 +36,7 @@ def run(cfg: DictConfig) -> dict:
             "nothing to do: set `toy:` (python distill.py +experiment=toy_data) or `domains:` "
             "(e.g. +experiment=math_data, +experiment=toy_distill)"
         )
+    sandbox.configure(cfg.sandbox.isolation, cfg.sandbox.workers)  # code verification, toy code
     manifest = build_toy(cfg) if cfg.toy is not None else {}
     if cfg.domains:
         manifest = distill(cfg)
@@ -62,6 +64,7 @@ def build_toy(cfg: DictConfig) -> dict:
         verify_sample=toy["verify_sample"],
         overwrite=toy["overwrite"],
     )
+    manifest["sandbox"] = sandbox.provenance()
     summary = summarize(manifest, Path(cfg.output_dir))
     log.info("\n%s", summary)
     Path(cfg.paths.run_dir).mkdir(parents=True, exist_ok=True)
@@ -148,6 +151,7 @@ def distill(cfg: DictConfig) -> dict:
         "git_revision": git_revision(),
         "inputs": inputs,
         "decontam_sets": decontam_sizes,
+        "sandbox": sandbox.provenance(),  # how code verification ran programs
         "stats": {},
     }
     for name, dcfg in cfg.domains.items():

@@ -4,14 +4,18 @@
   LaTeX); toy math compares integers.
 - multiple choice (GPQA, toy science): the option letter (`extract_letter`).
 - code (LiveCodeBench): the last ```python block after `</think>`, run in the sandbox against every
-  public and private test; passes only if all pass.
+  public and private test; passes only if all pass. `grade_code_many` grades a question's samples
+  together: their programs run concurrently (bounded by `sandbox.workers`, the CPU count by
+  default), with the same verdicts and reasons as one-by-one grading.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
+from branchmerge.eval import sandbox
 from branchmerge.eval.extract import extract_letter, last_boxed, last_code_block, normalize_output
 from branchmerge.eval.sandbox import Limits, run_python
 
@@ -67,19 +71,66 @@ def grade_code(
     response: str, tests: list[dict[str, str]], func_name: str | None = None, limits: Limits | None = None
 ) -> dict[str, Any]:
     """Run the last python block against tests [{input, output, testtype}]; all must pass."""
-    program = last_code_block(response, languages=("python", "py", "python3", ""))
-    if program is None:
-        return {"passed": False, "reason": "no code block"}
+    return grade_code_many([response], tests, func_name, limits)[0]
+
+
+def grade_code_many(
+    responses: list[str],
+    tests: list[dict[str, str]],
+    func_name: str | None = None,
+    limits: Limits | None = None,
+    workers: int | None = None,
+) -> list[dict[str, Any]]:
+    """grade_code for each response, all programs on one pool of `workers` threads (default
+    sandbox.workers()). A stdin-style response fails at its first failing test in order: every test
+    before it runs, later ones still queued are cancelled once a failure is known."""
     limits = limits or Limits(cpu_s=6, wall_s=12, memory_mb=1024)
-    if func_name:  # LeetCode-style: call Solution().<func>(*args) for each test
-        pairs = [(t["input"], t["output"]) for t in tests]
-        src = PRELUDE + _FUNCTIONAL.format(program=program, tests=json.dumps(pairs), func=func_name)
-        r = run_python(src, limits=limits)
-        return {"passed": r.ok and r.stdout.strip().endswith("PASS"), "reason": r.reason or r.stdout[-200:]}
-    for i, t in enumerate(tests):
-        r = run_python(PRELUDE + program, stdin=t["input"], limits=limits)
-        if not r.ok:
-            return {"passed": False, "reason": f"test {i}: {r.status}: {r.reason}"}
-        if normalize_output(r.stdout) != normalize_output(t["output"]):
-            return {"passed": False, "reason": f"test {i}: wrong output"}
-    return {"passed": True, "reason": ""}
+    programs = [last_code_block(r, languages=("python", "py", "python3", "")) for r in responses]
+    out: list[dict[str, Any] | None] = [
+        None if p is not None else {"passed": False, "reason": "no code block"} for p in programs
+    ]
+    jobs = _code_jobs(programs, tests, func_name)  # (response, test, source, stdin), test-major
+    fails: dict[int, tuple[int, str]] = {}  # response -> (first failing test, reason)
+    with ThreadPoolExecutor(max_workers=workers or sandbox.workers()) as pool:
+        futs: dict[Future, tuple[int, int]] = {
+            pool.submit(run_python, src, stdin, limits): (ri, ti) for ri, ti, src, stdin in jobs
+        }
+        for fut in as_completed(futs):
+            if fut.cancelled():
+                continue
+            ri, ti = futs[fut]
+            why = _code_failure(fut.result(), tests[ti] if not func_name else None)
+            if why is not None and ti < fails.get(ri, (len(tests) + 1, ""))[0]:
+                fails[ri] = (ti, why)
+                for f, (rj, tj) in futs.items():
+                    if rj == ri and tj > ti:
+                        f.cancel()
+    for ri, (ti, why) in fails.items():
+        out[ri] = {"passed": False, "reason": why if func_name else f"test {ti}: {why}"}
+    return [r or {"passed": True, "reason": ""} for r in out]
+
+
+def _code_jobs(
+    programs: list[str | None], tests: list[dict[str, str]], func_name: str | None
+) -> list[tuple[int, int, str, str]]:
+    """One program per response (LeetCode-style: Solution().<func>(*args) over every test) or one
+    per (response, stdin test), ordered test by test so every response's early tests run first."""
+    live = [(ri, p) for ri, p in enumerate(programs) if p is not None]
+    if func_name:
+        pairs = json.dumps([(t["input"], t["output"]) for t in tests])
+        return [
+            (ri, 0, PRELUDE + _FUNCTIONAL.format(program=p, tests=pairs, func=func_name), "")
+            for ri, p in live
+        ]
+    return [(ri, ti, PRELUDE + p, t["input"]) for ti, t in enumerate(tests) for ri, p in live]
+
+
+def _code_failure(r: Any, test: dict[str, str] | None) -> str | None:
+    """None if the run passed; else the reason (functional runs print PASS after every test)."""
+    if test is None:
+        return None if r.ok and r.stdout.strip().endswith("PASS") else (r.reason or r.stdout[-200:])
+    if not r.ok:
+        return f"{r.status}: {r.reason}"
+    if normalize_output(r.stdout) != normalize_output(test["output"]):
+        return "wrong output"
+    return None

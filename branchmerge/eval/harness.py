@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
 from branchmerge.config.schema import EvalConfig
+from branchmerge.eval import sandbox
 from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN, opened_think, reopen_think
 from branchmerge.eval.results import summarize_task
 from branchmerge.merge.provenance import file_hash, versions
@@ -39,6 +40,7 @@ from branchmerge.merge.provenance import file_hash, versions
 log = logging.getLogger(__name__)
 TASK_DIR = Path(__file__).parent / "tasks"
 PER_SAMPLE_DOCS = {"gpqa_diamond"}  # one document per (question, sample): n goes to the loader
+CODE_TASKS = {"toy_code", "livecodebench"}  # graded by running generated programs in the sandbox
 
 
 def model_hash(path: Path) -> str:
@@ -208,6 +210,8 @@ def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
 
 def evaluate(cfg: DictConfig) -> dict:
     cfg = validate(cfg, EvalConfig)
+    code = any(t.name in CODE_TASKS for t in cfg.eval.tasks)
+    sandbox.configure(cfg.sandbox.isolation, cfg.sandbox.workers, verify_now=code)
     model_path = Path(cfg.model_path)
     if not (model_path / "config.json").exists():
         raise FileNotFoundError(
@@ -234,6 +238,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "data_parallel_size": cfg.data_parallel_size,
         "chat_template": getattr(tokenizer, "chat_template", None),
         "versions": {**versions(), **_lm_eval_version()},
+        "sandbox": sandbox.provenance(),  # how generated code ran; a `warning` when not isolated
         "tasks": {},
     }
     samples_path = run_dir / "samples.jsonl"

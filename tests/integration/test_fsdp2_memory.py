@@ -26,9 +26,10 @@ def _free_port() -> int:
 
 
 def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {key}")
 
 
@@ -203,5 +204,8 @@ def test_export_and_fisher_stream_one_tensor_at_a_time(tmp_path):
     exported = load_file(tmp_path / "export" / "model.safetensors")
     fisher = load_file(tmp_path / "fisher.safetensors")
     assert set(exported) == set(fisher) and len(exported) == 12 * 12 + 3
-    assert exported["lm_head.weight"].dtype == torch.bfloat16 and exported["lm_head.weight"].shape == (8192, 512)
+    assert exported["lm_head.weight"].dtype == torch.bfloat16 and exported["lm_head.weight"].shape == (
+        8192,
+        512,
+    )
     assert all((v >= 0).all() for v in fisher.values()) and sum(float(v.sum()) for v in fisher.values()) > 0

@@ -233,7 +233,11 @@ def test_resume_at_any_checkpoint_trains_the_planned_steps(tmp_path, toy_world, 
     every planned checkpoint and end bitwise equal to the uninterrupted run."""
     import shutil
 
-    common = ("trainer.max_steps=12", "trainer.checkpoint_every_n_steps=2", "trainer.keep_last_checkpoints=20")
+    common = (
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every_n_steps=2",
+        "trainer.keep_last_checkpoints=20",
+    )
     run_train(tmp_path, toy_world, "run_name=straight", *common)
     straight, killed = tmp_path / "train" / "straight", tmp_path / "train" / "killed"
     planned = [f"step-{s:08d}.ckpt" for s in (2, 4, 6, 8, 10, 12)]

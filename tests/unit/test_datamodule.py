@@ -25,7 +25,9 @@ def _datamodule(tmp_path, toy_world, toy_tokenizer, world: int, rank: int, *over
         ],
     )
     cfg = validate(cfg, TrainConfig)
-    dm = BranchDataModule(cfg.data, toy_tokenizer, cfg.trainer, tmp_path / "cache", world_size=world, rank=rank)
+    dm = BranchDataModule(
+        cfg.data, toy_tokenizer, cfg.trainer, tmp_path / "cache", world_size=world, rank=rank
+    )
     dm.setup("fit")
     return dm
 

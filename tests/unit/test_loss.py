@@ -58,7 +58,9 @@ _PEAK = textwrap.dedent(
 
 
 def _peak(chunk: int) -> tuple[int, float]:
-    out = subprocess.run([sys.executable, "-c", _PEAK, str(chunk)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(chunk)], capture_output=True, text=True, check=True
+    )
     growth, loss = out.stdout.split()
     return int(growth), float(loss)
 

@@ -63,7 +63,8 @@ def process_gpqa(doc: dict, results: list) -> dict:
 
 def process_lcb(doc: dict, results: list) -> dict:
     tests = json.loads(doc["tests"])
-    return _scored([G.grade_code(r, tests, doc["func_name"] or None)["passed"] for r in _responses(results)])
+    graded = G.grade_code_many(_responses(results), tests, doc["func_name"] or None)  # concurrently
+    return _scored([g["passed"] for g in graded])
 
 
 def mean_verdicts(items: list) -> float:
