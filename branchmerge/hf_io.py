@@ -37,6 +37,22 @@ DTYPES = {
 CODES = {v: k for k, v in DTYPES.items()}
 
 
+def tensor_files(folder: str | Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it, from the index (or the single file)."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / f for name, f in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{folder} has neither {INDEX} nor model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
 class ShardWriter:
     """Write planned tensors into shards of at most `max_shard_bytes`, streaming their bytes."""
 

@@ -85,8 +85,12 @@ def model_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase):
     return config
 
 
-def build_model(model_cfg: Any, tokenizer: PreTrainedTokenizerBase, device: str = "cpu") -> PreTrainedModel:
-    attn = attention_implementation(model_cfg.attn_implementation, device)
+def build_model(
+    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, device: str = "cpu", attn: str | None = None
+) -> PreTrainedModel:
+    """The model on `device`; `attn` overrides the attention implementation chosen for `device` (a
+    model built on CPU to be trained on CUDA gets the CUDA choice)."""
+    attn = attn or attention_implementation(model_cfg.attn_implementation, device)
     dtype = DTYPES[model_cfg.dtype]
     config = model_config(model_cfg, tokenizer)
     if model_cfg.path is not None:

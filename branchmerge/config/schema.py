@@ -88,7 +88,8 @@ class StrategyConfig:
     name: Literal["single", "ddp", "fsdp2"]
     backend: str | None = None  # None = nccl on CUDA, gloo on CPU
     reshard_after_forward: bool = True
-    cpu_offload: bool = False
+    cpu_offload: bool = False  # refused (see train.run.make_strategy)
+    timeout_s: int = 3600  # collective timeout: the longest any rank may wait for the others
 
 
 @dataclass

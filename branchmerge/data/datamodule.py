@@ -259,6 +259,10 @@ class BranchDataModule(L.LightningDataModule):
         rows = self._rows(epoch)[offset * g : (offset + 1) * g]
         n_label = sum(self.label_counts[i] for row in rows for i in row)
         n_tokens = sum(self.lengths[i] for row in rows for i in row)
+        if self.data_cfg.packing and self.data_cfg.cross_document_attention:
+            spans = [sum(self.lengths[i] for i in row) for row in rows]  # attention runs over the row
+        else:
+            spans = [self.lengths[i] for row in rows for i in row]
         mine = [[self._doc(i) for i in row] for row in rows[self.rank :: self.world_size]]
         mb = self.trainer_cfg.micro_batch_size
         pad = self.tokenizer.pad_token_id
@@ -277,6 +281,7 @@ class BranchDataModule(L.LightningDataModule):
             "micro_batches": micro,
             "n_label_tokens": n_label,
             "n_tokens": n_tokens,
+            "attn_spans": spans,
             "step": step,
             "epoch": epoch,
         }

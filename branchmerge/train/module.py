@@ -22,14 +22,18 @@ import torch
 
 from branchmerge.models import build_model
 from branchmerge.train.fisher import FisherAccumulator
+from branchmerge.train.flops import (
+    attention_flops,
+    matmul_flops,
+    model_flops_utilization,
+    peak_bf16_flops,
+    shape_from_config,
+)
 from branchmerge.train.loss import chunked_token_loss_sum, token_loss_sum  # noqa: F401 (re-export)
 from branchmerge.train.parallel import shard_fsdp2
 from branchmerge.train.schedule import build_optimizer
 
 log = logging.getLogger(__name__)
-
-# dense bf16 peak FLOP/s per GPU, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def accumulate_gradients(
@@ -68,6 +72,7 @@ class BranchSFT(L.LightningModule):
         self.packing_efficiency: float | None = None
         self._t_last: float | None = None
         self.n_params = 0
+        self._peak: float | None = None  # the GPU's bf16 peak FLOP/s (0: unknown)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -165,7 +170,7 @@ class BranchSFT(L.LightningModule):
         if self._t_last is not None:
             tps = batch["n_tokens"] / (now - self._t_last)
             metrics["train/tokens_per_s"] = tps
-            mfu = self._mfu(tps)
+            mfu = self._mfu(batch, now - self._t_last)
             if mfu is not None:
                 metrics["train/mfu"] = mfu
         if self.packing_efficiency is not None:
@@ -174,13 +179,17 @@ class BranchSFT(L.LightningModule):
         self.log_dict(metrics, on_step=True, prog_bar=False, rank_zero_only=True, batch_size=1)
         self.log("loss", loss, prog_bar=True, on_step=True, rank_zero_only=True, batch_size=1)
 
-    def _mfu(self, tokens_per_s: float) -> float | None:
+    def _mfu(self, batch: dict, seconds: float) -> float | None:
+        """Model FLOPs of the step (weight matmuls over its tokens, attention over its attention
+        spans: per document, or per row for plain packing) / (seconds x peak x GPUs)."""
         if self.device.type != "cuda":
             return None
-        name = torch.cuda.get_device_name(self.device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        if peak is None:
+        if self._peak is None:
+            self._peak = peak_bf16_flops(torch.cuda.get_device_name(self.device)) or 0.0
+            if not self._peak:
+                log.warning("no bf16 peak known for %s: MFU is not logged", torch.cuda.get_device_name())
+        if not self._peak:
             return None
-        c = self.model.config
-        attn = 12 * c.num_hidden_layers * c.hidden_size * self.cfg.data.max_length / 2  # causal, per token
-        return tokens_per_s * (6 * self.n_params + attn) / (peak * self.trainer.world_size)
+        shape = shape_from_config(self.model.config)
+        flops = matmul_flops(shape, batch["n_tokens"]) + attention_flops(shape, batch["attn_spans"])
+        return model_flops_utilization(flops, seconds, self._peak, self.trainer.world_size)

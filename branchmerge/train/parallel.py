@@ -10,12 +10,13 @@ the weights a single-process run has. Non-persistent buffers (rotary inv_freq) a
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from branchmerge.models import build_model, model_config
+from branchmerge.models import attention_implementation, build_model, model_config
 
 MIXED_BF16 = ("bf16-mixed", "bf16-true", "bf16")
 
@@ -43,29 +44,27 @@ def _restore_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -
 def shard_fsdp2(
     cfg: Any, tokenizer: Any, device_mesh: Any, device: torch.device, precision: str
 ) -> torch.nn.Module:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    """The model, sharded with `fully_shard` per decoder layer and on the root, its weights in place.
 
-    mesh = device_mesh["data_parallel"] if device_mesh is not None and device_mesh.ndim > 1 else device_mesh
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    full_sd, buffers = None, {}
-    if rank == 0 or not multi:
-        full = build_model(cfg.model, tokenizer, device="cpu")
-        full_sd, buffers = full.state_dict(), _non_persistent_buffers(full)
-        config = full.config
-        del full
-    else:
-        config = model_config(cfg.model, tokenizer)
-        config._attn_implementation = (
-            "sdpa" if cfg.model.attn_implementation == "auto" else (cfg.model.attn_implementation)
-        )
-    if multi:
-        objs = [config, buffers]
-        dist.broadcast_object_list(objs, src=0)
-        config, buffers = objs
+    Every rank builds the model on the meta device and allocates only its shards. A checkpoint
+    (`model.path`) is read by every rank at once, each its own slices of each tensor from the
+    memory-mapped safetensors files, so no rank loads the whole model while the others wait in a
+    collective. A from-scratch model (`model.arch`) is initialised by rank 0 alone, seeded as a
+    single-process run would, and broadcast into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
+    mesh = device_mesh["data_parallel"] if device_mesh is not None and device_mesh.ndim > 1 else device_mesh
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    attn = attention_implementation(cfg.model.attn_implementation, device)
+    full_sd, buffers = None, {}
+    if cfg.model.path is None and (global_rank() == 0 or not multi):
+        full = build_model(cfg.model, tokenizer, device="cpu", attn=attn)
+        full_sd, buffers = full.state_dict(), _non_persistent_buffers(full)
+        del full
+    config = model_config(cfg.model, tokenizer)
+    config._attn_implementation = attn
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if cfg.trainer.gradient_checkpointing:
@@ -73,18 +72,97 @@ def shard_fsdp2(
     kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": cfg.strategy.reshard_after_forward}
     if device.type == "cuda" and str(precision) in MIXED_BF16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cfg.strategy.cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
-    model.to_empty(device="cpu" if cfg.strategy.cpu_offload else device)
-    _restore_buffers(model, buffers)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=multi)
-    set_model_state_dict(model, full_sd if full_sd is not None else {}, options=opts)
+    model.to_empty(device=device)
+    if cfg.model.path is not None:
+        folder = local_model_folder(str(cfg.model.path))
+        _restore_buffers(model, _fresh_buffers(model))
+        load_local_shards(model, folder)
+    else:
+        if multi:
+            objs = [buffers]
+            dist.broadcast_object_list(objs, src=0)
+            buffers = objs[0]
+        _restore_buffers(model, buffers)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=multi)
+        set_model_state_dict(model, full_sd if full_sd is not None else {}, options=opts)
     if model.config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+def local_model_folder(path: str) -> Path:
+    """A local folder as is; a hub id resolved to its cached snapshot (downloaded if missing; every
+    rank may call this at once: the hub client locks each file, so one process downloads it)."""
+    if Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+
+
+def _fresh_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (rotary inv_freq) computed on CPU by re-creating the small modules that
+    own them from the model's config (meta init leaves them empty)."""
+    persistent = set(model.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    for mname, module in model.named_modules():
+        own = [
+            n for n, _ in module.named_buffers(recurse=False) if f"{mname}.{n}".lstrip(".") not in persistent
+        ]
+        if not own:
+            continue
+        try:
+            fresh = type(module)(config=model.config)
+        except TypeError as e:
+            raise TypeError(
+                f"cannot rebuild the buffers {own} of {mname} ({type(module).__name__}) from the config; "
+                "load this architecture with model.arch or a single process"
+            ) from e
+        for n in own:
+            out[f"{mname}.{n}".lstrip(".")] = getattr(fresh, n).detach().cpu()
+    return out
+
+
+def load_local_shards(model: torch.nn.Module, folder: Path) -> None:
+    """Copy each parameter's local shard (and any unsharded tensor) from the safetensors files in
+    `folder`, reading only that shard's slice of each tensor. Shapes are checked against the model."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from branchmerge.hf_io import tensor_files
+
+    files = tensor_files(folder)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    handles: dict[Path, Any] = {}
+    problems = []
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name not in files:
+                if not (tied and name == "lm_head.weight"):
+                    problems.append(f"tensor '{name}' is missing from {folder}")
+                continue
+            f = handles.get(files[name]) or handles.setdefault(
+                files[name], safe_open(str(files[name]), "pt", device="cpu")
+            )
+            sl = f.get_slice(name)
+            if tuple(sl.get_shape()) != tuple(t.shape):
+                problems.append(
+                    f"{files[name]}: '{name}' has shape {sl.get_shape()}, the model {list(t.shape)}"
+                )
+                continue
+            if isinstance(t, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+                local = t.to_local()
+                if local.numel():
+                    local.copy_(sl[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+            else:
+                t.copy_(sl[:])
+    if problems:
+        raise ValueError(f"cannot load {folder}: " + "; ".join(problems[:5]))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from branchmerge.config import validate
 from branchmerge.config.schema import TrainConfig
 from branchmerge.data.datamodule import BranchDataModule
 from branchmerge.data.tokenize import check_template_tokens
-from branchmerge.models import load_tokenizer, model_config
+from branchmerge.models import attention_implementation, load_tokenizer, model_config
 from branchmerge.train.checkpoint import AtomicCheckpoint, newest_checkpoint
 from branchmerge.train.export import export_hf, export_plan
 from branchmerge.train.module import BranchSFT
@@ -46,15 +47,24 @@ def make_strategy(cfg: Any, on_gpu: bool):
                 "strategy=single runs one process: set trainer.devices=1 or pick strategy=ddp/fsdp2"
             )
         return "auto"
+    timeout = timedelta(seconds=s.timeout_s)
     if s.name == "ddp":
-        return DDPStrategy(process_group_backend=backend)
+        return DDPStrategy(process_group_backend=backend, timeout=timeout)
     if world is None:
         raise ValueError("strategy=fsdp2 needs an explicit trainer.devices (an integer)")
+    if s.cpu_offload:
+        raise ValueError(
+            "strategy.cpu_offload=true is not supported: Lightning's ModelParallelStrategy moves every "
+            "parameter to the GPU after sharding, which breaks FSDP2's CPU-offloaded shards. Shard over "
+            "more GPUs instead (raise trainer.num_nodes; `python -m branchmerge.train.plan` shows the "
+            "memory per GPU) and set strategy.cpu_offload=false"
+        )
     return ModelParallelStrategy(
         data_parallel_size=world,
         tensor_parallel_size=1,
         save_distributed_checkpoint=True,
         process_group_backend=backend,
+        timeout=timeout,
     )
 
 
@@ -67,6 +77,22 @@ def _check_lengths(cfg: Any, tokenizer: Any) -> None:
             f"data.max_length={cfg.data.max_length} exceeds what model '{cfg.model.name}' can take "
             f"(max_position_embeddings={limit}); lower data.max_length"
         )
+
+
+def check_attention(cfg: Any, on_gpu: bool) -> str:
+    """The attention implementation the run will use; refuses packed rows of several sequences per
+    micro-batch on flash-attention, whose per-document (varlen) path reads document boundaries from
+    position_ids only for one row at a time (with more rows it would attend across documents)."""
+    attn = attention_implementation(cfg.model.attn_implementation, "cuda" if on_gpu else "cpu")
+    d = cfg.data
+    per_document = d.packing and not d.cross_document_attention
+    if attn == "flash_attention_2" and per_document and cfg.trainer.micro_batch_size > 1:
+        raise ValueError(
+            f"trainer.micro_batch_size={cfg.trainer.micro_batch_size} with packed rows on "
+            "flash_attention_2: its per-document path takes one packed row per micro-batch; set "
+            "trainer.micro_batch_size=1 (raise data.max_length to fit more documents per row)"
+        )
+    return attn
 
 
 def training_signature(cfg: dict) -> dict:
@@ -122,7 +148,15 @@ def train(cfg: DictConfig) -> float | None:
     on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (
         cfg.trainer.accelerator == "auto" and torch.cuda.is_available()
     )
+    log.info("attention: %s", check_attention(cfg, on_gpu))
     strategy = make_strategy(cfg, on_gpu)
+    if on_gpu:
+        from branchmerge.train import plan
+
+        card = torch.cuda.get_device_properties(0).total_memory / 2**30
+        plan.check(
+            cfg, {"gpu_memory_gib": card}
+        )  # logs memory per GPU and GPU-hours; refuses what cannot fit
 
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = None
