@@ -40,6 +40,7 @@ class DataConfig:
     train_files: list[str]
     val_files: list[str] = field(default_factory=list)
     template: Literal["chatml", "deepseek_r1"] = "chatml"
+    add_template_tokens: bool = False  # add a missing end-of-turn token into the padded vocabulary rows
     max_length: int = 16384
     packing: bool = True
     cross_document_attention: bool = False  # False = packed documents never attend to each other

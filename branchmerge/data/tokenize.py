@@ -36,5 +36,28 @@ def check_template_tokens(tokenizer: Any, template: str) -> None:
     if len(ids) != 1:
         raise ValueError(
             f"chat template '{template}' ends turns with {eot!r}, which this tokenizer splits into {len(ids)} "
-            "tokens: pick the template the model was trained with (data.template=chatml or deepseek_r1)"
+            "tokens: set data.add_template_tokens=true to add it into the model's padded vocabulary rows "
+            "(what the paper's SFT stack does), or train with the model's own template "
+            "(data.template=deepseek_r1 for R1-Distill models)"
         )
+
+
+def add_template_tokens(tokenizer: Any, template: str, vocab_rows: int) -> list[str]:
+    """Add the template's end-of-turn token to a tokenizer that lacks it, as a special token that also
+    becomes the EOS; returns what was added.
+
+    This is what LLaMA-Factory's `qwen` template (the paper's SFT stack) does to R1-Distill-Qwen's
+    tokenizer, which has no `<|im_end|>`: the new id (151665) lands in one of the embedding's padded
+    rows (151,665 tokens, 152,064 rows), so the model keeps its shape and every branch stays mergeable.
+    `<|im_start|>` is not added: it is tokenized as plain text, as there. Refused when the new tokens
+    would not fit in the rows the model has."""
+    eot = END_OF_TURN[template]
+    if len(tokenizer(eot, add_special_tokens=False)["input_ids"]) == 1:
+        return []
+    if len(tokenizer) + 1 > vocab_rows:
+        raise ValueError(
+            f"cannot add {eot!r} to the tokenizer: it has {len(tokenizer)} tokens and the model only "
+            f"{vocab_rows} embedding rows; use the model's own template (data.template=deepseek_r1)"
+        )
+    tokenizer.add_special_tokens({"eos_token": eot})
+    return [eot]

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from branchmerge.config import validate
 from branchmerge.config.schema import TrainConfig
 from branchmerge.data.datamodule import BranchDataModule
-from branchmerge.data.tokenize import check_template_tokens
+from branchmerge.data.tokenize import add_template_tokens, check_template_tokens
 from branchmerge.models import attention_implementation, load_tokenizer, model_config
 from branchmerge.train.checkpoint import AtomicCheckpoint, newest_checkpoint
 from branchmerge.train.export import export_hf, export_plan
@@ -68,9 +68,15 @@ def make_strategy(cfg: Any, on_gpu: bool):
     )
 
 
-def _check_lengths(cfg: Any, tokenizer: Any) -> None:
-    check_template_tokens(tokenizer, cfg.data.template)
+def _prepare_tokenizer(cfg: Any, tokenizer: Any) -> None:
+    """Add the template's missing end-of-turn token when asked (every rank does the same, so ids
+    agree), then check the template and the sequence length against the model."""
     mc = model_config(cfg.model, tokenizer)
+    if cfg.data.add_template_tokens:
+        added = add_template_tokens(tokenizer, cfg.data.template, mc.vocab_size)
+        if added:
+            log.info("added %s to the tokenizer (ids %s)", added, tokenizer.convert_tokens_to_ids(added))
+    check_template_tokens(tokenizer, cfg.data.template)
     limit = cfg.model.max_position_embeddings or getattr(mc, "max_position_embeddings", None)
     if limit is not None and cfg.data.max_length > limit:
         raise ValueError(
@@ -144,7 +150,7 @@ def train(cfg: DictConfig) -> float | None:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model)
-    _check_lengths(cfg, tokenizer)
+    _prepare_tokenizer(cfg, tokenizer)
     on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (
         cfg.trainer.accelerator == "auto" and torch.cuda.is_available()
     )
