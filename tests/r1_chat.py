@@ -127,8 +127,15 @@ def r1_distill_tokenizer(save_to: str | Path | None = None):
         vocab[f"\u2400unused{i}"] = i  # no merge produces these: they only fill the id space
     spec["model"]["vocab"] = vocab
     spec["added_tokens"] = [
-        {"id": R1_DISTILL_FIRST_ADDED + k, "content": c, "single_word": False, "lstrip": False,
-         "rstrip": False, "normalized": False, "special": sp}
+        {
+            "id": R1_DISTILL_FIRST_ADDED + k,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": sp,
+        }
         for k, (c, sp) in enumerate(R1_DISTILL_ADDED)
     ]
     tok = PreTrainedTokenizerFast(

@@ -63,7 +63,9 @@ def run_recipe(experiment: str, model: Path, data: Path, out: Path, global_batch
 
 
 @pytest.mark.parametrize(("experiment", "global_batch", "accumulation"), RECIPES)
-def test_paper_recipe_runs_on_an_r1_distill_shaped_proxy(r1_setup, tmp_path, experiment, global_batch, accumulation):
+def test_paper_recipe_runs_on_an_r1_distill_shaped_proxy(
+    r1_setup, tmp_path, experiment, global_batch, accumulation
+):
     """Bug guarded: the r1_* data configs use ChatML, which R1-Distill's tokenizer lacks, so every rank
     stopped at start-up; the export must carry a tokenizer whose `<|im_end|>` (added in a padded row,
     as the paper's SFT stack did) is the EOS that generation stops on."""
@@ -71,8 +73,10 @@ def test_paper_recipe_runs_on_an_r1_distill_shaped_proxy(r1_setup, tmp_path, exp
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model_dir, data_dir = r1_setup
-    proc = run_recipe(experiment, model_dir, data_dir, tmp_path, global_batch)
-    assert "added ['<|im_end|>'] to the tokenizer" in (tmp_path / "train" / experiment / "train.log").read_text()
+    run_recipe(experiment, model_dir, data_dir, tmp_path, global_batch)
+    assert (
+        "added ['<|im_end|>'] to the tokenizer" in (tmp_path / "train" / experiment / "train.log").read_text()
+    )
     run = tmp_path / "train" / experiment
     stats = json.loads((run / "data_stats.json").read_text())
     assert stats["accumulation"] == accumulation
@@ -88,8 +92,13 @@ def test_paper_recipe_runs_on_an_r1_distill_shaped_proxy(r1_setup, tmp_path, exp
     # tokenizer, which adds <|endoftext|> as its unknown token first: 151,666 tokens before ChatML's)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end == len(tok) - 1 and 151665 <= im_end < R1_DISTILL_ROWS and gen.eos_token_id == im_end
-    assert tok.eos_token == "<|im_end|>" and tok("<|im_end|>", add_special_tokens=False)["input_ids"] == [im_end]
-    assert tok.convert_tokens_to_ids(["<think>", "<｜end▁of▁sentence｜>"]) == [151648, 151643]  # R1's ids kept
+    assert tok.eos_token == "<|im_end|>" and tok("<|im_end|>", add_special_tokens=False)["input_ids"] == [
+        im_end
+    ]
+    assert tok.convert_tokens_to_ids(["<think>", "<｜end▁of▁sentence｜>"]) == [
+        151648,
+        151643,
+    ]  # R1's ids kept
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True, tokenize=False
     )
@@ -99,5 +108,5 @@ def test_paper_recipe_runs_on_an_r1_distill_shaped_proxy(r1_setup, tmp_path, exp
     assert out.shape[1] > ids["input_ids"].shape[1]
     # the weights moved from the checkpoint's: training ran on the loaded model
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    delta = (model.model.layers[0].mlp.up_proj.weight.float() - base.model.layers[0].mlp.up_proj.weight.float())
+    delta = model.model.layers[0].mlp.up_proj.weight.float() - base.model.layers[0].mlp.up_proj.weight.float()
     assert float(delta.abs().max()) > 0

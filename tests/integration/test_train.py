@@ -256,3 +256,25 @@ def test_resume_at_any_checkpoint_trains_the_planned_steps(tmp_path, toy_world, 
     assert resumed == losses(straight)[kill_after:] and len(resumed) == 12 - kill_after
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fisher_is_taken_from_the_unclipped_gradient(tmp_path, toy_world):
+    """Bug guarded: the Fisher accumulated gradients after clipping, so with the recipe's clip the
+    importance of a step was rescaled by that step's norm. After one step with a tiny clip the Fisher's
+    sum must still equal the squared norm of the raw gradient (the logged, pre-clip grad norm)."""
+    run_train(
+        tmp_path,
+        toy_world,
+        "run_name=clip",
+        "trainer.max_steps=1",
+        "optim.grad_clip=1e-8",
+        "fisher.enabled=true",
+        "fisher.last_n_steps=1",
+        "model=pico_untied",
+    )
+    run = tmp_path / "train" / "clip"
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").read_text().splitlines()))
+    grad_norm = float(next(r["train/grad_norm"] for r in rows if r.get("train/grad_norm")))
+    fisher = load_file(run / "fisher.safetensors")
+    total = sum(float(v.double().sum()) for v in fisher.values())
+    assert grad_norm > 1e-3 and abs(total - grad_norm**2) <= 1e-3 * grad_norm**2
