@@ -56,6 +56,11 @@ def losses(run_dir: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").read_text().splitlines()))
+    return [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "export" / "model.safetensors")
 
@@ -169,6 +174,9 @@ def test_fsdp2_two_processes_match_one_process(tmp_path, toy_world):
     one, two = losses(tmp_path / "train" / "one"), losses(tmp_path / "train" / "two")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+    # the gradients too (a gradient twice too large changes the first losses by a hair only)
+    gn1, gn2 = grad_norms(tmp_path / "train" / "one"), grad_norms(tmp_path / "train" / "two")
+    assert len(gn1) == 4 and max(abs(a - b) / a for a, b in zip(gn1, gn2)) <= 1e-4
     ckpt = tmp_path / "train" / "two" / "checkpoints" / "step-00000002.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # sharded, one file per rank
     export = tmp_path / "train" / "two" / "export"
@@ -222,24 +230,29 @@ def test_bad_input_through_the_cli_exits_nonzero_with_the_message(tmp_path, toy_
     assert "trainer.max_stepz: unknown key; did you mean 'trainer.max_steps'?" in proc.stderr + proc.stdout
 
 
+RESUME = ("trainer.max_steps=12", "trainer.checkpoint_every_n_steps=2", "trainer.keep_last_checkpoints=20")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, toy_world) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    run_train(out, toy_world, "run_name=straight", *RESUME)
+    return out / "train" / "straight"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [4, 6, 8, 12])
-def test_resume_at_any_checkpoint_trains_the_planned_steps(tmp_path, toy_world, kill_after):
+def test_resume_at_any_checkpoint_trains_the_planned_steps(tmp_path, toy_world, straight_run, kill_after):
     """Bug guarded: the step loader's length was the *remaining* steps, and both the checkpoint cadence
     and Lightning's epoch loop compared against it, so a run resumed anywhere but half-way stopped
     early (resumed after step 4 of 12: stopped at 8 and exported as if finished) or never wrote its
     later checkpoints. A run killed right after checkpoint `kill_after` (the state a SIGKILL leaves:
-    checkpoints up to that step, no export) must resume, train exactly the planned 12 steps, write
-    every planned checkpoint and end bitwise equal to the uninterrupted run."""
+    checkpoints up to that step, no export; 12 = killed during the export) must resume, train exactly
+    the planned 12 steps, write every planned checkpoint and end bitwise equal to the uninterrupted run."""
     import shutil
 
-    common = (
-        "trainer.max_steps=12",
-        "trainer.checkpoint_every_n_steps=2",
-        "trainer.keep_last_checkpoints=20",
-    )
-    run_train(tmp_path, toy_world, "run_name=straight", *common)
-    straight, killed = tmp_path / "train" / "straight", tmp_path / "train" / "killed"
+    common = RESUME
+    straight, killed = straight_run, tmp_path / "train" / "killed"
     planned = [f"step-{s:08d}.ckpt" for s in (2, 4, 6, 8, 10, 12)]
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == planned
     (killed / "checkpoints").mkdir(parents=True)
