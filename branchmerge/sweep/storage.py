@@ -37,12 +37,26 @@ def journal_path(url: str) -> Path:
     return Path(rest[2:] if rest.startswith("//") else rest)
 
 
+def sqlalchemy_url(url: str) -> str:
+    """`postgresql://` names the driver this environment has (psycopg 3, the dev extra's, before
+    psycopg2): SQLAlchemy 2.0 and 2.1 default to different ones."""
+    if url.startswith("postgresql://"):
+        import importlib.util
+
+        for driver in ("psycopg", "psycopg2"):
+            if importlib.util.find_spec(driver) is not None:
+                return f"postgresql+{driver}://" + url[len("postgresql://") :]
+    return url
+
+
 def retry_callback(max_retry: int) -> Any:
     """Optuna's callback that re-enqueues a failed stale trial (renamed in Optuna 4.9)."""
     import optuna
 
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    return (cls or optuna.storages.RetryFailedTrialCallback)(max_retry=max_retry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return (cls or optuna.storages.RetryFailedTrialCallback)(max_retry=max_retry)
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int) -> Any:
@@ -67,13 +81,15 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
         else "failed_trial_callback"
     )
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        **{callback_kw: retry_callback(max_retry)},
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            sqlalchemy_url(url),
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            **{callback_kw: retry_callback(max_retry)},
+        )
 
 
 def _native(storage: Any) -> bool:
@@ -179,7 +195,7 @@ def _server_lock(url: str, scheme: str, study_name: str) -> Iterator[None]:
     import sqlalchemy
 
     key = zlib.crc32(f"branchmerge:{study_name}".encode()) & 0x7FFFFFFF
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=sqlalchemy.pool.NullPool)
     take, give = {
         "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
         "mysql": ("SELECT GET_LOCK(CONCAT('bm', :k), 600)", "SELECT RELEASE_LOCK(CONCAT('bm', :k))"),
