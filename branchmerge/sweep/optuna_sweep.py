@@ -80,6 +80,7 @@ def claim(study: Any, spec: StudySpec, space: dict[str, Any]) -> Any:
     with claim_lock(spec.storage, spec.study_name):
         fail_stale(study, spec.grace_period, spec.max_retry)
         trials = study.get_trials(deepcopy=False)
+        reseed(study, spec, space, len(trials))
         waiting = any(t.state == TrialState.WAITING for t in trials)
         first_attempts = sum(RETRY_OF not in t.system_attrs for t in trials)
         if waiting or first_attempts < spec.n_trials:
@@ -91,6 +92,17 @@ def claim(study: Any, spec: StudySpec, space: dict[str, Any]) -> Any:
             return trial
     running = any(t.state == TrialState.RUNNING for t in trials)
     return WAIT if running else DONE
+
+
+def reseed(study: Any, spec: StudySpec, space: dict[str, Any], n_existing: int) -> None:
+    """A seeded sampler draws with seed + (trials in the study so far): reproducible, and two
+    workers with the same config never draw the same parameters (one shared seed would)."""
+    from branchmerge.sweep.search_space import make_sampler
+
+    seed = spec.sampler.get("seed")
+    if seed is not None:
+        cfg = {**spec.sampler, "seed": int(seed) + n_existing}
+        study.sampler = make_sampler(cfg, space, len(spec.directions), quiet=True)
 
 
 def as_values(value: Any, n_objectives: int) -> list[float]:

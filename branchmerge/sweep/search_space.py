@@ -96,7 +96,7 @@ def grid_of(space: dict[str, Any]) -> dict[str, list]:
     return grid
 
 
-def make_sampler(cfg: dict[str, Any], space: dict[str, Any], n_objectives: int) -> Any:
+def make_sampler(cfg: dict[str, Any], space: dict[str, Any], n_objectives: int, quiet: bool = False) -> Any:
     """The Optuna sampler named by `cfg['type']`, built with the keys its constructor accepts."""
     import optuna
 
@@ -112,7 +112,7 @@ def make_sampler(cfg: dict[str, Any], space: dict[str, Any], n_objectives: int) 
     cls = getattr(optuna.samplers, SAMPLERS[kind])
     accepted = set(inspect.signature(cls).parameters)
     dropped = sorted(k for k in cfg if k not in accepted)
-    if dropped:
+    if dropped and not quiet:
         log.warning("hydra.sweeper.sampler: %s does not take %s; ignored", cls.__name__, dropped)
     kwargs = {k: v for k, v in cfg.items() if k in accepted}
     if kind == "grid":
