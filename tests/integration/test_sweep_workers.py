@@ -206,3 +206,27 @@ def test_journal_two_workers_multi_objective(fake_branches, toy_world):  # noqa:
     brute = {rows[i]["run_dir"] for i in pareto_front(points)}
     assert {t["run_dir"] for t in summary["pareto_front"]} == brute
     assert {p.name for p in plot_sweep(sweep)} >= {"pareto.png"}
+
+
+def test_n_jobs_local_workers_feed_one_study(fake_branches, toy_world):  # noqa: F811
+    """`hydra.sweeper.n_jobs=2`: two pinned copies of the command share the SQLite study. Bug
+    guarded: n_jobs ignored (one process runs every trial) or each copy running n_trials."""
+    from tests.integration.test_sweeps import merge_cmd
+
+    out = fake_branches.parent / "local"
+    shutil.copytree(fake_branches / "train", out / "train")
+    merge_cmd(
+        out,
+        toy_world,
+        "+experiment=toy_merge_arcee",
+        "+hparams_search=toy_arcee_optuna",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.poll_interval=1",
+        "score.wandb.enabled=false",
+    )
+    sweep = out / "sweeps" / "toy_arcee_optuna"
+    study = optuna.load_study(study_name="toy_arcee_optuna", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert len(rows_ok(sweep)) == 3
