@@ -15,7 +15,7 @@ import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/, c
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="merge")
-def main(cfg: DictConfig) -> float | dict:
+def main(cfg: DictConfig) -> float | list[float] | dict:
     from branchmerge.sweep.trial import run_trial
 
     return run_trial(cfg)

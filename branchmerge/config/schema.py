@@ -168,6 +168,8 @@ class ScoreConfig(EvalRunnerConfig):
     """How a merge scores its own output (when `eval` names a suite) and what a sweep trial returns."""
 
     metric: str = "mean"  # "mean" over the suite's tasks' pass@1, or one task's name (e.g. toy_math)
+    # multi-objective sweeps: return these tasks' pass@1s, in order (one per hydra.sweeper.direction)
+    objectives: list[str] = field(default_factory=list)
     direction: Literal["maximize", "minimize"] = "maximize"
     failure_value: float = -1.0  # what a failed trial returns inside a sweep (the sweep goes on)
     keep_weights: Literal["all", "best", "none"] = "all"  # best: delete every other trial's weights

@@ -4,12 +4,15 @@
 
 - score_vs_<param>.png: pass@1 per domain (± stderr) against each swept coefficient, other
   parameters averaged over (one line per domain, plus the objective)
-- pareto.png: every trial in each pair of domains, the Pareto front over all domains highlighted
+- pareto.png: every trial in each pair of domains, the Pareto front over all domains highlighted;
+  for a multi-objective Optuna study the front is the study's own (`optuna_summary.json`, written by
+  the sweep workers from `study.best_trials`), over its objectives
 - fig2_merge_methods.png (plot_methods): merge methods compared on every domain, the paper's Figure 2
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -59,9 +62,27 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(rows[0]["scores"])
     written = [_score_vs(rows, p, tasks, out_dir) for p in swept_params(rows)]
-    if len(tasks) >= 2:
-        written.append(_pareto(rows, tasks, out_dir / "pareto.png"))
+    study_front = optuna_front(sweep_dir)
+    if study_front is not None:
+        objectives = list(rows[0].get("objectives") or tasks)
+        front = {i for i, r in enumerate(rows) if r["run_dir"] in study_front}
+        written.append(_pareto(rows, objectives, out_dir / "pareto.png", front, "Optuna's Pareto front"))
+    elif len(tasks) >= 2:
+        pts = [tuple(r["scores"][t]["pass@1"] for t in tasks) for r in rows]
+        front = set(pareto_front(pts))
+        written.append(_pareto(rows, tasks, out_dir / "pareto.png", front, "Pareto front (all domains)"))
     return written
+
+
+def optuna_front(sweep_dir: Path) -> set[str] | None:
+    """The trial folders on a multi-objective study's Pareto front (optuna_summary.json), or None."""
+    path = Path(sweep_dir) / "optuna_summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if "pareto_front" not in summary:
+        return None
+    return {t["run_dir"] for t in summary["pareto_front"] if "run_dir" in t}
 
 
 def _score_vs(rows: list[dict], param: str, tasks: list[str], out_dir: Path) -> Path:
@@ -92,19 +113,16 @@ def _score_vs(rows: list[dict], param: str, tasks: list[str], out_dir: Path) -> 
     return path
 
 
-def _pareto(rows: list[dict], tasks: list[str], path: Path) -> Path:
+def _pareto(rows: list[dict], tasks: list[str], path: Path, front: set[int], label: str) -> Path:
     plt = _pyplot()
     pts = [tuple(100 * r["scores"][t]["pass@1"] for t in tasks) for r in rows]
-    front = set(pareto_front(pts))
     pairs = [(a, b) for i, a in enumerate(range(len(tasks))) for b in range(i + 1, len(tasks))]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
     for ax, (a, b) in zip(axes[0], pairs):
         others = [p for i, p in enumerate(pts) if i not in front]
         best = [p for i, p in enumerate(pts) if i in front]
         ax.scatter([p[a] for p in others], [p[b] for p in others], c="0.6", s=18, label="trial")
-        ax.scatter(
-            [p[a] for p in best], [p[b] for p in best], c="C3", s=36, label="Pareto front (all domains)"
-        )
+        ax.scatter([p[a] for p in best], [p[b] for p in best], c="C3", s=36, label=label)
         ax.set_xlabel(f"{tasks[a]} pass@1 (%)")
         ax.set_ylabel(f"{tasks[b]} pass@1 (%)")
     axes[0][0].legend(fontsize=8)

@@ -5,7 +5,8 @@
 
 Without an `eval` suite this is exactly `branchmerge.merge.run.run` (merge.py returns its record).
 With one, the merged folder is evaluated through the same harness as `evaluate.py` (results in
-<run dir>/eval/), the objective is the suite's mean pass@1 or one task's (`score.metric`), one row
+<run dir>/eval/), the objective is the suite's mean pass@1 or one task's (`score.metric`) -- or, for a multi-objective
+sweep, the list of the pass@1s of the tasks named in `score.objectives` (in that order) -- one row
 goes to the sweep's results table, one W&B run (offline by default) records it, and the weights are
 kept or deleted by `score.keep_weights`. Inside a sweep (Hydra multirun or a W&B agent) a failing
 trial logs its error, writes a failed row and returns `score.failure_value`, so the sweep goes on;
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 NOT_PARAMS = {"experiment", "hparams_search", "eval", "paths", "hydra", "score", "options", "overwrite"}
 
 
-def run_trial(cfg: DictConfig) -> float | dict:
+def run_trial(cfg: DictConfig) -> float | list[float] | dict:
     from branchmerge.merge.run import run as merge_run
 
     if cfg.get("eval") is None:
@@ -48,6 +49,7 @@ def run_trial(cfg: DictConfig) -> float | dict:
         record = merge_run(cfg)
         scores = score_model(Path(checked.output_dir), checked, run_dir / "eval")
         objective = objective_of(scores, checked.score.metric)
+        values = [objective_of(scores, task) for task in checked.score.objectives]
         status, error = "ok", None
     except Exception as e:
         if not in_sweep:
@@ -56,6 +58,7 @@ def run_trial(cfg: DictConfig) -> float | dict:
         checked = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         record, scores, status, error = {}, {}, "failed", f"{type(e).__name__}: {e}"
         objective = float(checked.score.failure_value)
+        values = [objective] * len(checked.score.objectives)
     row = {
         "trial": run_dir.name,
         "status": status,
@@ -64,6 +67,7 @@ def run_trial(cfg: DictConfig) -> float | dict:
         "scores": scores,
         "objective": objective,
         "metric": checked.score.metric,
+        "objectives": dict(zip(checked.score.objectives, values)),
         "merge_seconds": record.get("seconds"),
         "trial_seconds": round(time.time() - t0, 1),
         "model_dir": str(checked.output_dir),
@@ -76,7 +80,7 @@ def run_trial(cfg: DictConfig) -> float | dict:
         record_trial(results_file, row, checked.score.keep_weights, checked.score.direction)
     _log_wandb(checked, row, results_file)
     log.info("trial %s: objective %.4f (%s) %s", row["trial"], objective, checked.score.metric, params)
-    return objective
+    return values if checked.score.objectives else objective
 
 
 def score_model(model_dir: Path, cfg: Any, eval_dir: Path) -> dict[str, dict[str, float]]:

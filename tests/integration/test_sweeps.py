@@ -100,11 +100,14 @@ def test_grid_sweep_keeps_only_the_best_weights(fake_branches, toy_world):
 
 
 def test_optuna_sweep_continues_its_study(fake_branches, toy_world):
+    """n_trials is the study's total: a rerun with a larger total continues the same study (trial
+    numbers go on, no trial repeated); the same command again finds it finished and runs nothing."""
     import optuna
 
-    args = ["+experiment=toy_merge_arcee", "+hparams_search=toy_arcee_optuna", "hydra.sweeper.n_trials=3"]
-    merge_cmd(fake_branches, toy_world, *args)
-    merge_cmd(fake_branches, toy_world, *args)  # stopped after 3; the same command continues
+    args = ["+experiment=toy_merge_arcee", "+hparams_search=toy_arcee_optuna"]
+    merge_cmd(fake_branches, toy_world, *args, "hydra.sweeper.n_trials=3")
+    merge_cmd(fake_branches, toy_world, *args, "hydra.sweeper.n_trials=6")  # extends the study
+    merge_cmd(fake_branches, toy_world, *args, "hydra.sweeper.n_trials=6")  # finished: a no-op
     sweep = fake_branches / "sweeps" / "toy_arcee_optuna"
     study = optuna.load_study(study_name="toy_arcee_optuna", storage=f"sqlite:///{sweep / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
