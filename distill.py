@@ -14,8 +14,9 @@ import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/)
 @hydra.main(version_base="1.3", config_path="conf", config_name="distill")
 def main(cfg: DictConfig) -> None:
     from branchmerge.distill.pipeline import run
+    from branchmerge.toy.build import build_toy
 
-    run(cfg)
+    run(cfg, build_toy=build_toy)
 
 
 if __name__ == "__main__":

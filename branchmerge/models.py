@@ -21,9 +21,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from branchmerge.toy.tokenizer import padded_vocab_size
+from branchmerge.foundation import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def padded_vocab_size(n_tokens: int, multiple: int = 128) -> int:
+    """Embedding rows for a tokenizer of `n_tokens`, rounded up to a multiple of `multiple` (a padded
+    vocabulary, so that tests and merges meet config.vocab_size > len(tokenizer) as with Qwen)."""
+    return -(-n_tokens // multiple) * multiple
 
 
 def _looks_local(path: str) -> bool:

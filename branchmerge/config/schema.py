@@ -139,7 +139,7 @@ class WandbTrialConfig:
 
 @dataclass
 class SandboxConfig:
-    """How generated programs run (branchmerge/eval/sandbox.py): LiveCodeBench, toy code, distillation."""
+    """How generated programs run (branchmerge/verify/sandbox.py): LiveCodeBench, toy code, distillation."""
 
     isolation: Literal["bwrap", "process"] = "bwrap"  # process: weaker in-process guard, opt-in only
     workers: int | None = None  # programs run at once when grading code; None = the CPU count

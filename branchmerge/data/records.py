@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from branchmerge.foundation import atomic_write
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -135,13 +137,9 @@ def _read(path: Path, require_response: bool, on_error: str, skipped: list[str] 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     """Write records as JSONL atomically (temp file + rename); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(r.to_json() + "\n")
             n += 1
-    os.replace(tmp, path)
     return n

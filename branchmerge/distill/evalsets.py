@@ -3,7 +3,7 @@
     eval_texts(["aime24", "gpqa_diamond", "livecodebench", "toy"], data_dir, toy_dir)
         -> {"aime24": [problem, ...], "gpqa_diamond": [Question, ...], "livecodebench": [...], "toy:math": [...]}
 
-Files are the evaluator's (branchmerge/eval/datasets.py): <data_dir>/aime_2024.jsonl, gpqa_diamond.csv,
+Files are the evaluator's (branchmerge/data/benchmarks.py): <data_dir>/aime_2024.jsonl, gpqa_diamond.csv,
 livecodebench.jsonl (every problem, not only the paper's date window), and the toy world's
 <toy_dir>/data/<domain>/test.jsonl. A missing file is an error naming where to put it, or (missing=skip)
 a warning, and the set is then absent from the manifest's `decontam_sets`.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from branchmerge.data.benchmarks import SOURCES, read_rows
 from branchmerge.data.records import read_records
-from branchmerge.eval.datasets import SOURCES, _read_rows
 
 log = logging.getLogger(__name__)
 QUESTION_COLUMN = {"aime24": "problem", "gpqa_diamond": "Question", "livecodebench": "question_content"}
@@ -49,5 +49,5 @@ def eval_texts(
         if not path.exists():
             _missing(name, path, hint, missing)
             continue
-        out[name] = [str(r[QUESTION_COLUMN[name]]) for r in _read_rows(path)]
+        out[name] = [str(r[QUESTION_COLUMN[name]]) for r in read_rows(path)]
     return out

@@ -32,10 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
 from branchmerge.config.schema import EvalConfig
-from branchmerge.eval import sandbox
-from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN, opened_think, reopen_think
 from branchmerge.eval.results import summarize_task
-from branchmerge.merge.provenance import file_hash, versions
+from branchmerge.foundation import file_hash, versions
+from branchmerge.verify import sandbox
+from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN, opened_think, reopen_think
 
 log = logging.getLogger(__name__)
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -150,7 +150,7 @@ def build_lm(cfg: Any):
 
 
 def _dataset_file(task: str, cfg: Any) -> Path | None:
-    from branchmerge.eval.datasets import SOURCES
+    from branchmerge.data.benchmarks import SOURCES
 
     if task.startswith("toy_"):
         return Path(cfg.toy_dir) / "data" / task.removeprefix("toy_") / "test.jsonl"

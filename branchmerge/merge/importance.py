@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from branchmerge.data.records import read_records
 from branchmerge.data.tokenize import encode_messages
-from branchmerge.train.module import token_loss_sum
+from branchmerge.lm_loss import token_loss_sum
 
 
 def estimate_fisher(

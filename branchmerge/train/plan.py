@@ -164,7 +164,7 @@ def model_shape(model_cfg: Any) -> ModelShape:
 
 
 def _vocab_from_tokenizer(model_cfg: Any) -> int:
-    from branchmerge.toy.tokenizer import padded_vocab_size
+    from branchmerge.models import padded_vocab_size
 
     tok = model_cfg.tokenizer
     if tok is None or not Path(str(tok)).expanduser().exists():

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from branchmerge.distill.teachers import GenRequest, GenResult, request_seed, with_seed
-from branchmerge.eval.extract import reopen_think
+from branchmerge.verify.extract import reopen_think
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import httpx
 from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.distill.teachers import GenRequest, GenResult, request_seed, with_seed
-from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN
+from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}

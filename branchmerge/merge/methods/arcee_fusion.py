@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from branchmerge.foundation import mix_seed
 from branchmerge.merge.methods import Method, register
 from branchmerge.merge.methods.blocks import map_blocks, run_all
 from branchmerge.merge.methods.sparse import gather, kth_largest, tensor_seed
@@ -112,7 +113,7 @@ class Subsample:
     def offsets(self, which: int, block: int) -> torch.Tensor:
         """Positions (flat, inside block number `block`) of subsample `which`'s draws there."""
         i, j = self.spans[block]
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + 2 * block + which + 1) % 2**63)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 2 * block + which + 1))
         return torch.randint((j - i) * self.cols, (int(self.counts[which][block]),), generator=g)
 
     def take(self, block: int, values: torch.Tensor) -> None:
