@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/)
+from branchmerge.errors import reported
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="distill")
@@ -16,7 +17,8 @@ def main(cfg: DictConfig) -> None:
     from branchmerge.distill.pipeline import run
     from branchmerge.toy.build import build_toy
 
-    run(cfg, build_toy=build_toy)
+    with reported():  # a BranchmergeError: one line on stderr, exit status 1
+        run(cfg, build_toy=build_toy)
 
 
 if __name__ == "__main__":

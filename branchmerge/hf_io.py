@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from branchmerge.errors import MissingFileError
 from branchmerge.foundation import atomic_dir  # noqa: F401 (re-exported)
 
 INDEX = "model.safetensors.index.json"
@@ -45,7 +46,7 @@ def tensor_files(folder: str | Path) -> dict[str, Path]:
         return {name: folder / f for name, f in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{folder} has neither {INDEX} nor model.safetensors")
+        raise MissingFileError(f"{folder} has neither {INDEX} nor model.safetensors")
     from safetensors import safe_open
 
     with safe_open(str(single), "pt") as f:

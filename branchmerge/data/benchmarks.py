@@ -25,6 +25,7 @@ from pathlib import Path
 import datasets
 
 from branchmerge.data.records import read_records
+from branchmerge.errors import DataError, MissingFileError
 from branchmerge.foundation import mix_seed
 
 SOURCES = {
@@ -57,7 +58,7 @@ def _path(task: str, data_dir: str | None) -> Path:
     fname, source = SOURCES[task]
     path = Path(data_dir or "data/eval") / fname
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"evaluation set for {task} not found at {path}: get it from {source} (or set eval.data_dir)"
         )
     return path
@@ -148,7 +149,7 @@ def load_livecodebench(
             }
         )
     if not docs:
-        raise ValueError(
+        raise DataError(
             f"no LiveCodeBench problem dated {start} <= d < {end} in {_path('livecodebench', data_dir)}"
         )
     return {"test": datasets.Dataset.from_list(docs)}
@@ -157,9 +158,7 @@ def load_livecodebench(
 def load_toy(domain: str, toy_dir: str | None = None, limit: int | None = None, **_) -> dict:
     path = Path(toy_dir or "outputs/toy_world") / "data" / domain / "test.jsonl"
     if not path.exists():
-        raise FileNotFoundError(
-            f"toy test set {path} not found: run `python distill.py +experiment=toy_data`"
-        )
+        raise MissingFileError(f"toy test set {path} not found: run `python distill.py +experiment=toy_data`")
     docs = [
         {
             "id": r.id,

@@ -20,12 +20,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from branchmerge.errors import ConfigError, DataError, MissingFileError
 from branchmerge.foundation import atomic_write
 
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A dataset row that does not follow the record schema; the message names file and line."""
 
 
@@ -111,9 +112,9 @@ def read_records_counted(
 
 def _read(path: Path, require_response: bool, on_error: str, skipped: list[str] | None):
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
+        raise MissingFileError(f"dataset file {path} does not exist")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

@@ -28,6 +28,7 @@ from branchmerge.distill import filters as F
 from branchmerge.distill.dedup import MinHashIndex, NgramIndex
 from branchmerge.distill.sources import BadRow, InputError, import_source
 from branchmerge.distill.teachers import GenRequest, TeacherError, generate
+from branchmerge.errors import DataError
 from branchmerge.foundation import write_json
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def requests_for(seeds: list[Record], t: Any) -> list[GenRequest]:
     ids = [s.id for s in seeds]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"seed id {dup!r} appears twice: request keys (and the journal) need unique ids")
+        raise DataError(f"seed id {dup!r} appears twice: request keys (and the journal) need unique ids")
     for s in seeds:
         upto = max(i for i, m in enumerate(s.messages) if m["role"] == "user")
         msgs = s.messages[: upto + 1]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from branchmerge.data.benchmarks import SOURCES, read_rows
 from branchmerge.data.records import read_records
+from branchmerge.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 QUESTION_COLUMN = {"aime24": "problem", "gpqa_diamond": "Question", "livecodebench": "question_content"}
@@ -24,7 +25,7 @@ QUESTION_COLUMN = {"aime24": "problem", "gpqa_diamond": "Question", "livecodeben
 def _missing(what: str, path: Path, hint: str, missing: str) -> None:
     msg = f"decontamination set {what}: {path} not found ({hint})"
     if missing == "raise":
-        raise FileNotFoundError(msg + "; or set selection.decontam.missing=skip")
+        raise MissingFileError(msg + "; or set selection.decontam.missing=skip")
     log.warning("%s; skipped", msg)
 
 
@@ -43,7 +44,7 @@ def eval_texts(
                 out[f"toy:{f.parent.name}"] = [r.prompt for r in read_records(f)]
             continue
         if name not in QUESTION_COLUMN:
-            raise ValueError(f"unknown decontamination set '{name}'; known: {[*QUESTION_COLUMN, 'toy']}")
+            raise ConfigError(f"unknown decontamination set '{name}'; known: {[*QUESTION_COLUMN, 'toy']}")
         fname, hint = SOURCES[name]
         path = Path(data_dir or "") / fname
         if not path.exists():

@@ -23,6 +23,7 @@ from branchmerge.config.schema import DistillConfig
 from branchmerge.distill.dedup import NgramIndex
 from branchmerge.distill.domain import Context, plain, run_domain
 from branchmerge.distill.sources import expand
+from branchmerge.errors import ConfigError, MissingFileError
 from branchmerge.foundation import file_hash, write_json
 from branchmerge.utils.git import git_revision
 from branchmerge.verify import sandbox
@@ -35,13 +36,13 @@ def run(cfg: DictConfig, build_toy: Callable[[DictConfig], dict] | None = None) 
     in: the toy world uses this stage, never the other way round) and the branch datasets (`domains:`)."""
     cfg = validate(cfg, DistillConfig)
     if cfg.toy is None and not cfg.domains:
-        raise ValueError(
+        raise ConfigError(
             "nothing to do: set `toy:` (python distill.py +experiment=toy_data) or `domains:` "
             "(e.g. +experiment=math_data, +experiment=toy_distill)"
         )
     sandbox.configure(cfg.sandbox.isolation, cfg.sandbox.workers)  # code verification, toy code
     if cfg.toy is not None and build_toy is None:
-        raise ValueError("`toy:` is set but no toy-world builder was given: run `python distill.py`")
+        raise ConfigError("`toy:` is set but no toy-world builder was given: run `python distill.py`")
     manifest = build_toy(cfg) if cfg.toy is not None else {}
     if cfg.domains:
         manifest = distill(cfg)
@@ -58,7 +59,7 @@ def _context(cfg: DictConfig) -> tuple[Context, dict[str, int]]:
     count = None
     if sel.max_tokens is not None:
         if not cfg.student_tokenizer:
-            raise ValueError(
+            raise ConfigError(
                 "selection.max_tokens needs student_tokenizer (or set selection.max_tokens=null)"
             )
         from transformers import AutoTokenizer
@@ -77,7 +78,7 @@ def _inputs(cfg: DictConfig) -> list[dict]:
             try:
                 files = expand(src.path)
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"domains.{name}: {e}") from e
+                raise MissingFileError(f"domains.{name}: {e}") from e
             out += [
                 {
                     "domain": name,

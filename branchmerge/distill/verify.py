@@ -20,6 +20,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from branchmerge.data.records import Record
+from branchmerge.errors import ConfigError
 from branchmerge.verify.extract import extract_letter, last_code_block
 from branchmerge.verify.graders import PRELUDE, grade_code, grade_math, grade_toy
 from branchmerge.verify.sandbox import Limits, run_python
@@ -79,7 +80,7 @@ def verify(record: Record, kind: str, max_tests: int = 10) -> bool | None:
         return verify_code(response, tests, max_tests) if tests and tests.get("inputs") else None
     if kind == "toy":
         return grade_toy(record.domain, response, record.reference, record.metadata)
-    raise ValueError(f"unknown verifier '{kind}'; choose one of {KINDS}")
+    raise ConfigError(f"unknown verifier '{kind}'; choose one of {KINDS}")
 
 
 def _grade_math_pair(pair: tuple[str, str]) -> bool | None:

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
+from branchmerge import errors
 from branchmerge.foundation import DTYPES as DTYPES_BY_NAME
 from branchmerge.hf_io import CODES, DTYPES, INDEX, ShardWriter  # noqa: F401 (re-exported)
 
 BY_NAME = DTYPES_BY_NAME  # config dtype name -> torch.dtype
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
     """A checkpoint folder that cannot be merged; the message names the file and the problem."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from branchmerge.errors import ConfigError
 from branchmerge.toy.world import SplitSpec, build_world, check_knobs_all
 from branchmerge.verify import sandbox
 
@@ -20,13 +21,13 @@ log = logging.getLogger(__name__)
 
 def build_toy(cfg: DictConfig) -> dict:
     if cfg.teacher.name != "toy":
-        raise ValueError(
+        raise ConfigError(
             f"the toy world is written by the toy teacher, not '{cfg.teacher.name}'; use teacher=toy"
         )
     toy = OmegaConf.to_container(cfg.toy, resolve=True)
     check_knobs_all(toy["domains"])
     if "test" not in toy["splits"]:
-        raise ValueError("toy.splits must include a 'test' split (the held-out evaluation set)")
+        raise ConfigError("toy.splits must include a 'test' split (the held-out evaluation set)")
     splits = [SplitSpec("test", toy["splits"]["test"])] + [
         SplitSpec(name, size) for name, size in toy["splits"].items() if name != "test"
     ]

@@ -7,7 +7,7 @@ layer or a layer below it, and the four stages of layer 2 do not import one anot
     sweep: merge + evaluate trials                                                   3
     stages: distill, train, merge, eval (no stage imports another)                  2
     verification: branchmerge.verify (extract, graders, sandbox)                     1
-    foundations: foundation, config, data, models, hf_io, lm_loss, utils             0
+    foundations: foundation, errors, config, data, models, hf_io, lm_loss, utils     0
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENTRY_SCRIPTS = ("train.py", "merge.py", "evaluate.py", "distill.py")
 LAYERS = {
     "foundation": 0,
+    "errors": 0,
     "config": 0,
     "data": 0,
     "models": 0,
