@@ -15,9 +15,10 @@ from branchmerge.errors import reported
 @hydra.main(version_base="1.3", config_path="conf", config_name="distill")
 def main(cfg: DictConfig) -> None:
     from branchmerge.distill.pipeline import run
-    from branchmerge.toy.build import build_toy
+    from branchmerge.toy.build import build_toy, ensure_world
 
     with reported():  # a BranchmergeError: one line on stderr, exit status 1
+        ensure_world(cfg)  # a toy run builds the toy world first when it is missing
         run(cfg, build_toy=build_toy)
 
 

@@ -2,15 +2,21 @@
 demand when a toy experiment finds it missing.
 
     build_toy(cfg)                  # cfg.toy -> <toy dir>/{data,tokenizer,manifest.json}, logs a summary
+    ensure_world(cfg)               # a train/eval/distill config that reads the toy world: build it if missing
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from branchmerge.errors import ConfigError
 from branchmerge.toy.world import SplitSpec, build_world, check_knobs_all
@@ -64,3 +70,47 @@ def summarize(manifest: dict, out: Path) -> str:
         f"prompt overlap between splits: {overlap}; tokenizer: {manifest['tokenizer']['n_tokens']} tokens"
     )
     return "\n".join(lines)
+
+
+def _strings(node: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(nearest dict key, value) for every string value in a nested dict/list."""
+    if isinstance(node, str):
+        yield key, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, str(k))
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v, key)
+
+
+def wants_toy_world(cfg: DictConfig) -> bool:
+    """True when `cfg` reads the toy world (a path under paths.toy_dir, or a toy_* evaluation task) and
+    does not build it itself (`toy:` set)."""
+    if cfg.get("toy") is not None or "paths" not in cfg:
+        return False
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # left to the stage's own validation, which names the key
+        return False
+    root = str(data["paths"]["toy_dir"]).rstrip("/") + "/"
+    return any(v.startswith(root) or (k == "name" and v.startswith("toy_")) for k, v in _strings(data))
+
+
+def ensure_world(cfg: DictConfig) -> None:
+    """Build the toy world (`python distill.py +experiment=toy_data`, deterministic, seconds) at
+    paths.toy_dir when `cfg` needs it and it has not been built, so toy stages run in any order."""
+    if not wants_toy_world(cfg):
+        return
+    toy_dir = Path(cfg.paths.toy_dir)
+    if (toy_dir / "manifest.json").exists():
+        return
+    log.info("no toy world at %s: building it first (python distill.py +experiment=toy_data)", toy_dir)
+    cmd = [
+        sys.executable,
+        str(Path(cfg.paths.root_dir) / "distill.py"),
+        "+experiment=toy_data",
+        f"paths.toy_dir={toy_dir}",
+        f"paths.output_dir={cfg.paths.output_dir}",
+    ]
+    subprocess.run(cmd, check=True, cwd=cfg.paths.root_dir)

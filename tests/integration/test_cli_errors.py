@@ -34,7 +34,7 @@ CASES = {
     ),
     "eval": (
         "evaluate.py",
-        ["eval=toy", "model_path=/nonexistent/branch"],
+        ["eval=paper", "model_path=/nonexistent/branch"],
         "error: MissingFileError: model_path=/nonexistent/branch is not a Hugging Face model folder",
     ),
     "distill": (
