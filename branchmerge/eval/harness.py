@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
 from branchmerge.config.schema import EvalConfig
-from branchmerge.errors import ConfigError, MissingFileError
+from branchmerge.errors import ConfigError, EvaluationError, MissingFileError
 from branchmerge.eval.results import summarize_task
 from branchmerge.foundation import file_hash, versions
 from branchmerge.verify import sandbox
@@ -63,8 +63,9 @@ def resolve_dtype(cfg: Any) -> str:
     config = json.loads((Path(cfg.model_path) / "config.json").read_text())
     own = config.get("dtype") or config.get("torch_dtype") or "float32"
     if own not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(
-            f"{cfg.model_path}/config.json: dtype {own!r} is not float32/bfloat16/float16; set dtype="
+        raise EvaluationError(
+            f"{cfg.model_path}/config.json: dtype {own!r} is not float32/bfloat16/float16; "
+            "run it in one of those with dtype=float32 (or bfloat16, float16)"
         )
     return own
 

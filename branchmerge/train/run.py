@@ -257,7 +257,7 @@ def _overrides(cfg: DictConfig) -> list[str]:
         from hydra.core.hydra_config import HydraConfig
 
         return list(HydraConfig.get().overrides.task)
-    except Exception:
+    except ValueError:  # "HydraConfig was not set": called outside a Hydra app (tests, notebooks)
         return []
 
 
