@@ -8,13 +8,17 @@ import hydra
 from omegaconf import DictConfig
 
 import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/, ${bm_model_tag:...})
+from branchmerge.errors import reported
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
     from branchmerge.eval.harness import evaluate
+    from branchmerge.toy.build import ensure_world
 
-    results = evaluate(cfg)
+    with reported():  # a BranchmergeError: one line on stderr, exit status 1
+        ensure_world(cfg)  # a toy run builds the toy world first when it is missing
+        results = evaluate(cfg)
     scores = [t["pass@1"] for t in results["tasks"].values()]
     return sum(scores) / len(scores)
 

@@ -9,13 +9,17 @@ import hydra
 from omegaconf import DictConfig
 
 import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/)
+from branchmerge.errors import reported
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from branchmerge.toy.build import ensure_world
     from branchmerge.train.run import train
 
-    return train(cfg)
+    with reported():  # a BranchmergeError: one line on stderr, exit status 1
+        ensure_world(cfg)  # a toy run builds the toy world first when it is missing
+        return train(cfg)
 
 
 if __name__ == "__main__":

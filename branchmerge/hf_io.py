@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from branchmerge.errors import MissingFileError
+from branchmerge.foundation import atomic_dir  # noqa: F401 (re-exported)
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {
@@ -46,7 +46,7 @@ def tensor_files(folder: str | Path) -> dict[str, Path]:
         return {name: folder / f for name, f in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{folder} has neither {INDEX} nor model.safetensors")
+        raise MissingFileError(f"{folder} has neither {INDEX} nor model.safetensors")
     from safetensors import safe_open
 
     with safe_open(str(single), "pt") as f:
@@ -143,22 +143,3 @@ class ShardWriter:
                 )
             )
         return self.files
-
-
-@contextmanager
-def atomic_dir(target: str | Path):
-    """Build a folder at `<target>.tmp-<pid>` and rename it to `target` only if the block succeeds;
-    an interrupted build never leaves anything at `target` (a stale .tmp is removed on the next try)."""
-    target = Path(target)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)

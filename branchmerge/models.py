@@ -21,9 +21,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from branchmerge.toy.tokenizer import padded_vocab_size
+from branchmerge.errors import ConfigError, MissingFileError
+from branchmerge.foundation import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def padded_vocab_size(n_tokens: int, multiple: int = 128) -> int:
+    """Embedding rows for a tokenizer of `n_tokens`, rounded up to a multiple of `multiple` (a padded
+    vocabulary, so that tests and merges meet config.vocab_size > len(tokenizer) as with Qwen)."""
+    return -(-n_tokens // multiple) * multiple
 
 
 def _looks_local(path: str) -> bool:
@@ -32,13 +37,13 @@ def _looks_local(path: str) -> bool:
 
 def _check_exists(path: str, what: str, hint: str) -> None:
     if _looks_local(path) and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"{what} {path} does not exist. {hint}")
+        raise MissingFileError(f"{what} {path} does not exist. {hint}")
 
 
 def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     path = model_cfg.tokenizer or model_cfg.path
     if path is None:
-        raise ValueError(f"model '{model_cfg.name}' names neither `tokenizer` nor `path`")
+        raise ConfigError(f"model '{model_cfg.name}' names neither `tokenizer` nor `path`")
     hint = (
         "Build the toy world first: `python distill.py +experiment=toy_data`."
         if "toy" in str(path)
@@ -76,9 +81,9 @@ def model_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase):
             **arch,
         )
     else:
-        raise ValueError(f"model '{model_cfg.name}' needs `path` (a checkpoint) or `arch` (to build one)")
+        raise ConfigError(f"model '{model_cfg.name}' needs `path` (a checkpoint) or `arch` (to build one)")
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer has {len(tokenizer)} tokens but model '{model_cfg.name}' has only {config.vocab_size} "
             "embedding rows: use the tokenizer the model was trained with"
         )

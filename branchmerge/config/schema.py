@@ -31,14 +31,12 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     init_seed: int = 0
     max_position_embeddings: int | None = None
-    notes: str = ""
 
 
 @dataclass
 class DataConfig:
     name: str
     train_files: list[str]
-    val_files: list[str] = field(default_factory=list)
     template: Literal["chatml", "deepseek_r1"] = "chatml"
     add_template_tokens: bool = False  # add a missing end-of-turn token into the padded vocabulary rows
     max_length: int = 16384
@@ -76,7 +74,6 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
     keep_last_checkpoints: int = 2
-    val_every_n_steps: int | None = None
     threads: int | None = None  # torch intra-op threads per process (None = torch's default)
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = 4096  # label positions projected onto the vocabulary at once (0 = all)
@@ -139,7 +136,7 @@ class WandbTrialConfig:
 
 @dataclass
 class SandboxConfig:
-    """How generated programs run (branchmerge/eval/sandbox.py): LiveCodeBench, toy code, distillation."""
+    """How generated programs run (branchmerge/verify/sandbox.py): LiveCodeBench, toy code, distillation."""
 
     isolation: Literal["bwrap", "process"] = "bwrap"  # process: weaker in-process guard, opt-in only
     workers: int | None = None  # programs run at once when grading code; None = the CPU count

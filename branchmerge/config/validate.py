@@ -18,17 +18,19 @@ from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from branchmerge.errors import ConfigError
 
-class ConfigError(ValueError):
-    """One or more config problems; `problems` holds one line per problem."""
 
-    def __init__(self, problems: list[str], schema_name: str) -> None:
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(
-            f"{len(problems)} problem(s) in the {schema_name} config:\n{lines}\n"
-            "Fix the key in the YAML file or the command-line override (see conf/ and `--cfg job`)."
-        )
+def problems_error(problems: list[str], schema_name: str) -> ConfigError:
+    """One ConfigError listing every problem (one line each when there is a single one)."""
+    fix = "fix the key in the YAML file or the command-line override (see conf/ and `--cfg job`)"
+    if len(problems) == 1:
+        return ConfigError(f"{schema_name} config: {problems[0]}; {fix}", problems)
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return ConfigError(
+        f"{len(problems)} problems in the {schema_name} config:\n{lines}\n{fix[0].upper()}{fix[1:]}.",
+        problems,
+    )
 
 
 def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
@@ -38,10 +40,10 @@ def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
     try:
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except Exception as e:  # an interpolation that cannot resolve
-        raise ConfigError([f"cannot resolve config: {e}"], schema.__name__) from e
+        raise problems_error([f"cannot resolve config: {e}"], schema.__name__) from e
     _check(data, schema, "", problems)
     if problems:
-        raise ConfigError(problems, schema.__name__)
+        raise problems_error(problems, schema.__name__)
     out = OmegaConf.create(data)
     OmegaConf.set_struct(out, True)
     OmegaConf.set_readonly(out, True)

@@ -27,6 +27,7 @@ from datasets import Dataset, concatenate_datasets
 from branchmerge.data.packing import collate_packed, collate_padded, pack, packing_efficiency
 from branchmerge.data.records import read_records, read_records_counted
 from branchmerge.data.tokenize import encode_messages
+from branchmerge.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class BranchDataModule(L.LightningDataModule):
         for f in cfg.train_files:
             path = Path(f)
             if not path.is_file():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"training file {path} does not exist (data.train_files). For the toy world run "
                     "`python distill.py +experiment=toy_data` first; for real data see README 'Datasets'."
                 )
@@ -161,7 +162,7 @@ class BranchDataModule(L.LightningDataModule):
         over = [i for i, n in enumerate(lengths) if n > cfg.max_length]
         no_learn = [i for i, n in enumerate(n_learn) if n == 0]
         if no_learn:
-            raise ValueError(
+            raise DataError(
                 f"{len(no_learn)} records have no assistant tokens to learn from "
                 f"(first: {docs[no_learn[0]]['id']})"
             )
@@ -172,7 +173,7 @@ class BranchDataModule(L.LightningDataModule):
         self.docs = docs
         per_step = tcfg.micro_batch_size * self.world_size
         if tcfg.global_batch_size % per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.global_batch_size={tcfg.global_batch_size} is not a multiple of micro_batch_size "
                 f"({tcfg.micro_batch_size}) x world size ({self.world_size}); pick a multiple of {per_step}"
             )
@@ -209,7 +210,7 @@ class BranchDataModule(L.LightningDataModule):
         g, tcfg = self.trainer_cfg.global_batch_size, self.trainer_cfg
         per_epoch = rows0 // g
         if per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"only {rows0} rows for a global batch of {g}: lower trainer.global_batch_size or add data"
             )
         checked = 1

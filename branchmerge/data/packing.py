@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from branchmerge.errors import DataError
+
 IGNORE = -100
 
 
@@ -39,7 +41,7 @@ def pack(lengths: Sequence[int], max_length: int, seed: int) -> list[list[int]]:
     for doc in order:
         n = lengths[doc]
         if n > max_length:
-            raise ValueError(f"document {doc} has {n} tokens > max_length {max_length}")
+            raise DataError(f"document {doc} has {n} tokens > max_length {max_length}")
         i = bisect.bisect_left(room, (n, -1))
         if i < len(room):
             cap, r = room.pop(i)

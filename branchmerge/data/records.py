@@ -20,10 +20,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from branchmerge.errors import ConfigError, DataError, MissingFileError
+from branchmerge.foundation import atomic_write
+
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A dataset row that does not follow the record schema; the message names file and line."""
 
 
@@ -109,9 +112,9 @@ def read_records_counted(
 
 def _read(path: Path, require_response: bool, on_error: str, skipped: list[str] | None):
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
+        raise MissingFileError(f"dataset file {path} does not exist")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -135,13 +138,9 @@ def _read(path: Path, require_response: bool, on_error: str, skipped: list[str] 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     """Write records as JSONL atomically (temp file + rename); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(r.to_json() + "\n")
             n += 1
-    os.replace(tmp, path)
     return n

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from branchmerge.data.chat import END_OF_TURN, render
+from branchmerge.errors import ConfigError
 
 IGNORE = -100
 
@@ -34,7 +35,7 @@ def check_template_tokens(tokenizer: Any, template: str) -> None:
     eot = END_OF_TURN[template]
     ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"chat template '{template}' ends turns with {eot!r}, which this tokenizer splits into {len(ids)} "
             "tokens: set data.add_template_tokens=true to add it into the model's padded vocabulary rows "
             "(what the paper's SFT stack does), or train with the model's own template "
@@ -55,7 +56,7 @@ def add_template_tokens(tokenizer: Any, template: str, vocab_rows: int) -> list[
     if len(tokenizer(eot, add_special_tokens=False)["input_ids"]) == 1:
         return []
     if len(tokenizer) + 1 > vocab_rows:
-        raise ValueError(
+        raise ConfigError(
             f"cannot add {eot!r} to the tokenizer: it has {len(tokenizer)} tokens and the model only "
             f"{vocab_rows} embedding rows; use the model's own template (data.template=deepseek_r1)"
         )

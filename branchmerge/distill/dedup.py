@@ -28,6 +28,8 @@ from collections import defaultdict
 import numpy as np
 import xxhash
 
+from branchmerge.errors import ConfigError
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -53,7 +55,7 @@ class MinHashIndex:
         self, num_perm: int = 64, bands: int = 16, shingle: int = 5, threshold: float = 0.9, seed: int = 0
     ):
         if num_perm % bands:
-            raise ValueError(f"num_perm ({num_perm}) must be a multiple of bands ({bands})")
+            raise ConfigError(f"num_perm ({num_perm}) must be a multiple of bands ({bands})")
         rng = np.random.default_rng(seed)
         self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
         self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)

@@ -15,9 +15,7 @@ samples, which are filtered as traces:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,8 @@ from branchmerge.distill import filters as F
 from branchmerge.distill.dedup import MinHashIndex, NgramIndex
 from branchmerge.distill.sources import BadRow, InputError, import_source
 from branchmerge.distill.teachers import GenRequest, TeacherError, generate
+from branchmerge.errors import DataError
+from branchmerge.foundation import write_json
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def requests_for(seeds: list[Record], t: Any) -> list[GenRequest]:
     ids = [s.id for s in seeds]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"seed id {dup!r} appears twice: request keys (and the journal) need unique ids")
+        raise DataError(f"seed id {dup!r} appears twice: request keys (and the journal) need unique ids")
     for s in seeds:
         upto = max(i for i, m in enumerate(s.messages) if m["role"] == "user")
         msgs = s.messages[: upto + 1]
@@ -197,16 +197,6 @@ def _clean(rec: Record) -> Record:
     return Record(rec.id, rec.domain, rec.source, rec.messages, rec.reference, meta)
 
 
-def _write_json(path: Path, obj: Any, lines: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        if lines:
-            f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in obj)
-        else:
-            json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def run_domain(name: str, dcfg: Any, out_dir: str | Path, ctx: Context) -> dict[str, Any]:
     """Build <out_dir>/<name>/ and return its stats."""
     out = Path(out_dir) / name
@@ -237,6 +227,6 @@ def run_domain(name: str, dcfg: Any, out_dir: str | Path, ctx: Context) -> dict[
     if bad:  # the first few, so a malformed file shows up without opening removed.jsonl
         stats["bad_rows"] = bad[:20]
     write_records(out / "train.jsonl", (_clean(r) for r in traces.kept))
-    _write_json(out / "removed.jsonl", [{"stage": s.name, **e} for s in stages for e in s.log], lines=True)
-    _write_json(out / "stats.json", stats)
+    write_json(out / "removed.jsonl", [{"stage": s.name, **e} for s in stages for e in s.log], lines=True)
+    write_json(out / "stats.json", stats)
     return stats

@@ -28,7 +28,7 @@ from typing import Any
 from branchmerge.data.records import Record
 from branchmerge.distill.dedup import MinHashIndex, NgramIndex, exact_key
 from branchmerge.distill.verify import verify_all
-from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN
+from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN
 
 log = logging.getLogger(__name__)
 

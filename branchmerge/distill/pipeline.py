@@ -1,7 +1,8 @@
 """`python distill.py ...`: validate the config, build the datasets, print what was written.
 
 Two kinds of job, chosen by the config:
-- `toy:` set: build the toy world (datasets + tokenizer) with the toy oracle (+experiment=toy_data).
+- `toy:` set: build the toy world (datasets + tokenizer) with the toy oracle (+experiment=toy_data),
+  through `branchmerge.toy.build`, which distill.py passes in.
 - `domains:` set: one branch dataset per domain (branchmerge/distill/domain.py) under output_dir,
   plus <output_dir>/manifest.json: inputs with sha256, the resolved config, the git revision, the
   decontamination sets and every domain's stats.
@@ -9,85 +10,43 @@ Two kinds of job, chosen by the config:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from branchmerge.config import validate
 from branchmerge.config.schema import DistillConfig
 from branchmerge.distill.dedup import NgramIndex
-from branchmerge.distill.domain import Context, _write_json, plain, run_domain
+from branchmerge.distill.domain import Context, plain, run_domain
 from branchmerge.distill.sources import expand
-from branchmerge.eval import sandbox
-from branchmerge.toy.world import SplitSpec, build_world, check_knobs_all, sha256_file
+from branchmerge.errors import ConfigError, MissingFileError
+from branchmerge.foundation import file_hash, write_json
 from branchmerge.utils.git import git_revision
+from branchmerge.verify import sandbox
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, build_toy: Callable[[DictConfig], dict] | None = None) -> dict:
+    """Validate `cfg`, then build the toy world (`toy:`, with `build_toy`, which the entry point passes
+    in: the toy world uses this stage, never the other way round) and the branch datasets (`domains:`)."""
     cfg = validate(cfg, DistillConfig)
     if cfg.toy is None and not cfg.domains:
-        raise ValueError(
+        raise ConfigError(
             "nothing to do: set `toy:` (python distill.py +experiment=toy_data) or `domains:` "
             "(e.g. +experiment=math_data, +experiment=toy_distill)"
         )
     sandbox.configure(cfg.sandbox.isolation, cfg.sandbox.workers)  # code verification, toy code
+    if cfg.toy is not None and build_toy is None:
+        raise ConfigError("`toy:` is set but no toy-world builder was given: run `python distill.py`")
     manifest = build_toy(cfg) if cfg.toy is not None else {}
     if cfg.domains:
         manifest = distill(cfg)
     return manifest
-
-
-def build_toy(cfg: DictConfig) -> dict:
-    if cfg.teacher.name != "toy":
-        raise ValueError(
-            f"the toy world is written by the toy teacher, not '{cfg.teacher.name}'; use teacher=toy"
-        )
-    toy = OmegaConf.to_container(cfg.toy, resolve=True)
-    check_knobs_all(toy["domains"])
-    if "test" not in toy["splits"]:
-        raise ValueError("toy.splits must include a 'test' split (the held-out evaluation set)")
-    splits = [SplitSpec("test", toy["splits"]["test"])] + [
-        SplitSpec(name, size) for name, size in toy["splits"].items() if name != "test"
-    ]
-    manifest = build_world(
-        cfg.paths.toy_dir if cfg.domains else cfg.output_dir,
-        seed=toy["seed"],
-        domains=toy["domains"],
-        splits=splits,
-        vocab_size=toy["vocab_size"],
-        verify_sample=toy["verify_sample"],
-        overwrite=toy["overwrite"],
-    )
-    manifest["sandbox"] = sandbox.provenance()
-    summary = summarize(manifest, Path(cfg.output_dir))
-    log.info("\n%s", summary)
-    Path(cfg.paths.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.paths.run_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
-
-
-def summarize(manifest: dict, out: Path) -> str:
-    lines = [
-        f"toy world at {out}",
-        f"{'domain':<9}"
-        + "".join(f"{s:>8}" for s in next(iter(manifest["sizes"].values())))
-        + "   teacher traces the verifier accepts",
-    ]
-    for domain, sizes in manifest["sizes"].items():
-        agree = [manifest["teacher_verifier_agreement"][f"{domain}/{s}"] for s in sizes]
-        acc = sum(a["accepted"] for a in agree), sum(a["checked"] for a in agree)
-        lines.append(f"{domain:<9}" + "".join(f"{n:>8}" for n in sizes.values()) + f"   {acc[0]}/{acc[1]}")
-    overlap = sum(manifest["split_overlap"].values())
-    lines.append(
-        f"prompt overlap between splits: {overlap}; tokenizer: {manifest['tokenizer']['n_tokens']} tokens"
-    )
-    return "\n".join(lines)
 
 
 def _context(cfg: DictConfig) -> tuple[Context, dict[str, int]]:
@@ -100,7 +59,7 @@ def _context(cfg: DictConfig) -> tuple[Context, dict[str, int]]:
     count = None
     if sel.max_tokens is not None:
         if not cfg.student_tokenizer:
-            raise ValueError(
+            raise ConfigError(
                 "selection.max_tokens needs student_tokenizer (or set selection.max_tokens=null)"
             )
         from transformers import AutoTokenizer
@@ -119,14 +78,14 @@ def _inputs(cfg: DictConfig) -> list[dict]:
             try:
                 files = expand(src.path)
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"domains.{name}: {e}") from e
+                raise MissingFileError(f"domains.{name}: {e}") from e
             out += [
                 {
                     "domain": name,
                     "format": src.format,
                     "path": str(p),
                     "bytes": p.stat().st_size,
-                    "sha256": sha256_file(p),
+                    "sha256": file_hash(p, "sha256"),
                 }
                 for p in files
             ]
@@ -159,9 +118,9 @@ def distill(cfg: DictConfig) -> dict:
         manifest["stats"][name] = run_domain(name, dcfg, out, ctx)
         log.info("%s: %s (%.1fs)", name, manifest["stats"][name]["traces"], time.time() - td)
         manifest["outputs"] = {n: str(out / n / "train.jsonl") for n in manifest["stats"]}
-        _write_json(out / "manifest.json", manifest)  # after each domain: finished ones are recorded
+        write_json(out / "manifest.json", manifest)  # after each domain: finished ones are recorded
     manifest["seconds"] = round(time.time() - t0, 1)
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     log.info("\n%s", summarize_stats(manifest["stats"], out))
     return manifest
 

@@ -34,7 +34,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN, reopen_think
+from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN, reopen_think
 
 
 def generate_chat(

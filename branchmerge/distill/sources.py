@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from branchmerge.data.records import Record, validate_row
+from branchmerge.errors import ConfigError, DataError, MissingFileError
 
 MATH_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_INSTRUCTION = {"openr1_math": MATH_PROMPT}
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """A malformed input row under on_bad_row=raise; the message names file and row."""
 
 
@@ -53,10 +54,10 @@ def expand(path: str | Path) -> list[Path]:
     if any(c in text for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(text))
         if not files:
-            raise FileNotFoundError(f"no input file matches {text}")
+            raise MissingFileError(f"no input file matches {text}")
         return files
     if not Path(text).is_file():
-        raise FileNotFoundError(f"input file {text} does not exist")
+        raise MissingFileError(f"input file {text} does not exist")
     return [Path(text)]
 
 
@@ -67,7 +68,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
+        raise MissingFileError(f"input file {path} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -246,7 +247,7 @@ def import_source(
     Record ids are "<prefix>-<tag><row>" unless the dataset has its own id (uuid, record id).
     """
     if fmt not in CONVERTERS:
-        raise ValueError(f"unknown source format '{fmt}'; known: {sorted(CONVERTERS)}")
+        raise ConfigError(f"unknown source format '{fmt}'; known: {sorted(CONVERTERS)}")
     convert = CONVERTERS[fmt]
     instruction = DEFAULT_INSTRUCTION.get(fmt, "") if instruction is None else instruction
     rows = ((i, f, row, data) for i, f in enumerate(expand(path)) for row, data in read_rows(f))

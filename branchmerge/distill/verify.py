@@ -4,8 +4,8 @@
 
 | kind | checks | with |
 |---|---|---|
-| math | the last `\\boxed{}` after `</think>` equals `reference` | math-verify (branchmerge.eval.graders.grade_math) |
-| letter | the chosen option letter equals `reference` (one of A-Z) | branchmerge.eval.extract.extract_letter |
+| math | the last `\\boxed{}` after `</think>` equals `reference` | math-verify (branchmerge.verify.graders.grade_math) |
+| letter | the chosen option letter equals `reference` (one of A-Z) | branchmerge.verify.extract.extract_letter |
 | code | the last ```python block passes `metadata.tests` ({inputs, outputs, fn_name?}) | the evaluation sandbox |
 | toy | the toy domain's own verifier | branchmerge.toy |
 | none | nothing (always True) | |
@@ -20,9 +20,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from branchmerge.data.records import Record
-from branchmerge.eval.extract import extract_letter, last_code_block
-from branchmerge.eval.graders import PRELUDE, grade_code, grade_math
-from branchmerge.eval.sandbox import Limits, run_python
+from branchmerge.errors import ConfigError
+from branchmerge.verify.extract import extract_letter, last_code_block
+from branchmerge.verify.graders import PRELUDE, grade_code, grade_math, grade_toy
+from branchmerge.verify.sandbox import Limits, run_python
 
 KINDS = ("math", "letter", "code", "toy", "none")
 
@@ -78,10 +79,8 @@ def verify(record: Record, kind: str, max_tests: int = 10) -> bool | None:
         tests = record.metadata.get("tests")
         return verify_code(response, tests, max_tests) if tests and tests.get("inputs") else None
     if kind == "toy":
-        from branchmerge.toy import get_domain
-
-        return bool(get_domain(record.domain).verify(response, record.reference, record.metadata))
-    raise ValueError(f"unknown verifier '{kind}'; choose one of {KINDS}")
+        return grade_toy(record.domain, response, record.reference, record.metadata)
+    raise ConfigError(f"unknown verifier '{kind}'; choose one of {KINDS}")
 
 
 def _grade_math_pair(pair: tuple[str, str]) -> bool | None:

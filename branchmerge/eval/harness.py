@@ -32,10 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
 from branchmerge.config.schema import EvalConfig
-from branchmerge.eval import sandbox
-from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN, opened_think, reopen_think
+from branchmerge.errors import ConfigError, EvaluationError, MissingFileError
 from branchmerge.eval.results import summarize_task
-from branchmerge.merge.provenance import file_hash, versions
+from branchmerge.foundation import file_hash, versions
+from branchmerge.verify import sandbox
+from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN, opened_think, reopen_think
 
 log = logging.getLogger(__name__)
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -62,8 +63,9 @@ def resolve_dtype(cfg: Any) -> str:
     config = json.loads((Path(cfg.model_path) / "config.json").read_text())
     own = config.get("dtype") or config.get("torch_dtype") or "float32"
     if own not in ("float32", "bfloat16", "float16"):
-        raise ValueError(
-            f"{cfg.model_path}/config.json: dtype {own!r} is not float32/bfloat16/float16; set dtype="
+        raise EvaluationError(
+            f"{cfg.model_path}/config.json: dtype {own!r} is not float32/bfloat16/float16; "
+            "run it in one of those with dtype=float32 (or bfloat16, float16)"
         )
     return own
 
@@ -72,21 +74,21 @@ def check_gpus(cfg: Any, visible: int, has_ray: bool) -> None:
     """Refuse a parallel layout that cannot run, before any model is loaded."""
     tp, dp = cfg.tensor_parallel_size, cfg.data_parallel_size
     if tp < 1 or dp < 1:
-        raise ValueError(f"tensor_parallel_size={tp} and data_parallel_size={dp} must be at least 1")
+        raise ConfigError(f"tensor_parallel_size={tp} and data_parallel_size={dp} must be at least 1")
     if cfg.backend != "vllm":
         if tp * dp > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"tensor_parallel_size={tp} / data_parallel_size={dp} need backend=vllm (hf runs one device)"
             )
         return
     if tp * dp > visible:
-        raise ValueError(
+        raise ConfigError(
             f"tensor_parallel_size={tp} x data_parallel_size={dp} = {tp * dp} GPUs, but {visible} are "
             "visible (CUDA_VISIBLE_DEVICES): lower one, e.g. "
             f"data_parallel_size={max(1, visible // tp)}"
         )
     if dp > 1 and not has_ray:
-        raise ValueError(
+        raise ConfigError(
             f"data_parallel_size={dp} needs ray (lm-eval runs each replica as a ray actor): "
             "pip install ray, or set data_parallel_size=1"
         )
@@ -150,7 +152,7 @@ def build_lm(cfg: Any):
 
 
 def _dataset_file(task: str, cfg: Any) -> Path | None:
-    from branchmerge.eval.datasets import SOURCES
+    from branchmerge.data.benchmarks import SOURCES
 
     if task.startswith("toy_"):
         return Path(cfg.toy_dir) / "data" / task.removeprefix("toy_") / "test.jsonl"
@@ -214,9 +216,7 @@ def evaluate(cfg: DictConfig) -> dict:
     sandbox.configure(cfg.sandbox.isolation, cfg.sandbox.workers, verify_now=code)
     model_path = Path(cfg.model_path)
     if not (model_path / "config.json").exists():
-        raise FileNotFoundError(
-            f"model_path={model_path} is not a Hugging Face model folder (no config.json)"
-        )
+        raise MissingFileError(f"model_path={model_path} is not a Hugging Face model folder (no config.json)")
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

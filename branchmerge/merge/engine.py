@@ -12,7 +12,7 @@ or, when every step declares `nonfinite_propagates` (a NaN/Inf input entry alway
 output entry), over the output only, re-reading the inputs to name the one at fault.
 Chains of row-separable methods (linear, task arithmetic, Fisher) run in blocks of rows, so even
 the embedding never has to be held whole. Intermediate steps live only in memory unless `save`.
-The output folder is built beside the target and renamed at the end (`hf_io.atomic_dir`).
+The output folder is built beside the target and renamed at the end (`foundation.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from branchmerge.hf_io import atomic_dir
+from branchmerge.foundation import atomic_dir
 from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWriter
 from branchmerge.merge.methods import blocks
 from branchmerge.merge.provenance import provenance

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from branchmerge.data.records import read_records
 from branchmerge.data.tokenize import encode_messages
-from branchmerge.train.module import token_loss_sum
+from branchmerge.errors import DataError
+from branchmerge.lm_loss import token_loss_sum
 
 
 def estimate_fisher(
@@ -33,7 +34,7 @@ def estimate_fisher(
     sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     records = list(read_records(calibration, require_response=True))[:samples]
     if not records:
-        raise ValueError(f"{calibration} has no records with an assistant turn")
+        raise DataError(f"{calibration} has no records with an assistant turn")
     for rec in records:
         enc = encode_messages(rec.messages, tok, template)
         ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])

@@ -24,17 +24,14 @@ from pathlib import Path
 
 import torch
 
+from branchmerge import errors
+from branchmerge.foundation import DTYPES as DTYPES_BY_NAME
 from branchmerge.hf_io import CODES, DTYPES, INDEX, ShardWriter  # noqa: F401 (re-exported)
 
-BY_NAME = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+BY_NAME = DTYPES_BY_NAME  # config dtype name -> torch.dtype
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
     """A checkpoint folder that cannot be merged; the message names the file and the problem."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from branchmerge.errors import MissingFileError
 from branchmerge.merge.recipe import RecipeError
 
 SHARED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "arcee_fusion"}
@@ -50,7 +51,7 @@ def from_mergekit(path: str | Path) -> dict[str, Any]:
     """{'models': {name: path}, 'steps': [...], 'out_dtype': ..., 'copy_files_from': ...}."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mergekit config {path} does not exist")
+        raise MissingFileError(f"mergekit config {path} does not exist")
     cfg = yaml.safe_load(path.read_text())
     method = cfg.get("merge_method")
     if method not in SHARED:

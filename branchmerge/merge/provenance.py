@@ -3,40 +3,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata as md
 import json
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
-import xxhash
-
+from branchmerge.foundation import file_hash, versions
 from branchmerge.utils.git import git_revision
-
-_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_hash(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _CACHE:
-        h = xxhash.xxh3_128()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _CACHE[key] = h.hexdigest()
-    return _CACHE[key]
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("branchmerge", "torch", "safetensors", "transformers"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
 
 # Bumped whenever a method's output changes for the same recipe and inputs, so that a folder merged by
 # an older engine is merged again instead of reused. 2: Arcee Fusion takes one log of P/Q (not

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from branchmerge.errors import MergeRecipeError
 from branchmerge.merge.methods import Method, get_method
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-class RecipeError(ValueError):
+class RecipeError(MergeRecipeError):
     """A recipe that cannot run; the message lists every problem."""
 
 

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
 from branchmerge.config.schema import MergeConfig
+from branchmerge.errors import MergeRecipeError
 from branchmerge.merge.engine import MergeOptions, merge
 from branchmerge.merge.mergekit import from_mergekit
 from branchmerge.merge.recipe import model_paths, parse_steps
@@ -30,7 +31,7 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
         models, raw_steps = model_paths(c["models"], []), c["steps"]
     else:
         if not c["method"]:
-            raise ValueError(
+            raise MergeRecipeError(
                 "nothing to merge: give `steps` (a recipe, e.g. +experiment=toy_merge_tinyr1), "
                 "`method=... inputs=[...]` for one step, or `from_mergekit=config.yml`"
             )

@@ -24,10 +24,9 @@ import random
 import re
 import sys
 from contextlib import redirect_stdout
-from functools import lru_cache
 
-from branchmerge.eval.extract import last_code_block, normalize_output
 from branchmerge.toy.domains import Problem, check_knobs, register
+from branchmerge.verify.graders import grade_toy_output, run_program  # noqa: F401 (re-exported)
 
 CODE_INSTRUCTION = (
     "What does this program print? Trace the execution step by step, then give the exact output."
@@ -165,15 +164,6 @@ def trace_program(program: str) -> tuple[str, str]:
     return "\n".join(tracer.events), out.getvalue()
 
 
-@lru_cache(maxsize=4096)
-def run_program(program: str, timeout_s: float = 5.0) -> str | None:
-    """The program's real stdout from a separate sandboxed process; None if it failed or timed out."""
-    from branchmerge.eval.sandbox import run_python
-
-    result = run_python(program, timeout_s=timeout_s)
-    return result.stdout if result.status == "ok" else None
-
-
 class CodeDomain:
     name = "code"
     default_knobs = {"min_snippets": 1, "max_snippets": 2, "max_loop": 5, "max_int": 9}
@@ -196,12 +186,7 @@ class CodeDomain:
     def verify(self, response: str, reference: str, meta: dict | None = None) -> bool:
         """Compare the response's last code block with the real output of `meta["program"]`, run in
         the sandbox; without a program, with `reference`."""
-        got = last_code_block(response)
-        if got is None:
-            return False
-        program = (meta or {}).get("program")
-        expected = reference if program is None else run_program(program)
-        return expected is not None and normalize_output(got) == normalize_output(expected)
+        return grade_toy_output(response, reference, (meta or {}).get("program"))
 
 
 register(CodeDomain())

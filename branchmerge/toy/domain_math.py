@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from branchmerge.eval.extract import last_boxed
 from branchmerge.toy.domains import Problem, check_knobs, register
+from branchmerge.verify.graders import grade_toy_math
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lea", "Milo", "Nia"]
@@ -98,14 +98,7 @@ class MathDomain:
                     )
 
     def verify(self, response: str, reference: str, meta: dict | None = None) -> bool:
-        got = last_boxed(response)
-        if got is None:
-            return False
-        got = got.replace(",", "").replace(" ", "").removeprefix("+")
-        try:
-            return int(got) == int(reference)
-        except ValueError:
-            return False
+        return grade_toy_math(response, reference)
 
 
 register(MathDomain())

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import random
 
-from branchmerge.eval.extract import extract_letter
 from branchmerge.toy.domains import Problem, check_knobs, register
+from branchmerge.verify.graders import grade_toy_letter
 
 LETTERS = "ABCD"
 SCIENCE_INSTRUCTION = "Please reason step by step, and put the letter of your final answer within \\boxed{}."
@@ -156,7 +156,7 @@ class ScienceDomain:
         )
 
     def verify(self, response: str, reference: str, meta: dict | None = None) -> bool:
-        return extract_letter(response, LETTERS) == reference
+        return grade_toy_letter(response, reference, LETTERS)
 
 
 register(ScienceDomain())

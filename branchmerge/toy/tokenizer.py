@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from branchmerge.data.chat import CHATML
+from branchmerge.models import padded_vocab_size  # noqa: F401 (re-exported)
 
 PAD = "<|endoftext|>"
 SPECIAL_TOKENS = [
@@ -56,12 +57,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     hf.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     hf.chat_template = CHATML
     return hf
-
-
-def padded_vocab_size(n_tokens: int, multiple: int = 128) -> int:
-    """Embedding rows for a tokenizer of `n_tokens`, rounded up to a multiple of `multiple` (a padded
-    vocabulary, so that tests and merges meet config.vocab_size > len(tokenizer) as with Qwen)."""
-    return -(-n_tokens // multiple) * multiple
 
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:

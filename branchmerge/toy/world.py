@@ -26,6 +26,7 @@ from pathlib import Path
 
 from branchmerge.data.chat import CHATML
 from branchmerge.data.records import Record, read_records, write_records
+from branchmerge.foundation import file_hash
 from branchmerge.toy.domains import Problem, check_knobs, get_domain
 from branchmerge.toy.tokenizer import save_tokenizer, train_tokenizer
 
@@ -37,14 +38,6 @@ GENERATOR_VERSION = 2  # bump whenever a domain's problems or traces change: a b
 class SplitSpec:
     name: str
     size: int
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _stream_seed(seed: int, domain: str, split: str) -> int:
@@ -182,7 +175,7 @@ def build_world(
         "spec": spec,
         "sizes": sizes,
         "files": {k: str(p.relative_to(out)) for k, p in files.items()},
-        "sha256": {k: sha256_file(p) for k, p in files.items()},
+        "sha256": {k: file_hash(p, "sha256") for k, p in files.items()},
         "split_overlap": overlap,
         "teacher_verifier_agreement": agreement,
         "tokenizer": {"path": "tokenizer", "n_tokens": len(tok)},

@@ -21,8 +21,8 @@ import torch
 from transformers import GenerationConfig
 
 from branchmerge.data.chat import END_OF_TURN, TEMPLATES
-from branchmerge.hf_io import ShardWriter, atomic_dir
-from branchmerge.models import DTYPES
+from branchmerge.foundation import DTYPES, atomic_dir
+from branchmerge.hf_io import ShardWriter
 from branchmerge.utils.git import git_revision
 
 Plan = list[tuple[str, tuple[int, ...], torch.dtype]]

@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from branchmerge.lm_loss import chunked_token_loss_sum
 from branchmerge.models import build_model
 from branchmerge.train.fisher import FisherAccumulator
 from branchmerge.train.flops import (
@@ -29,7 +30,6 @@ from branchmerge.train.flops import (
     peak_bf16_flops,
     shape_from_config,
 )
-from branchmerge.train.loss import chunked_token_loss_sum, token_loss_sum  # noqa: F401 (re-export)
 from branchmerge.train.parallel import shard_fsdp2
 from branchmerge.train.schedule import build_optimizer
 
@@ -114,7 +114,7 @@ class BranchSFT(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed token loss of one micro-batch (see branchmerge.train.loss).
+        """Summed token loss of one micro-batch (see branchmerge.lm_loss).
 
         The model's own forward runs with `logits_to_keep=1`, so its full-vocabulary projection of
         every position never happens. The loss is computed from the decoder's final hidden states in a

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from branchmerge.errors import CheckpointError
 from branchmerge.models import attention_implementation, build_model, model_config
 
 MIXED_BF16 = ("bf16-mixed", "bf16-true", "bf16")
@@ -162,7 +163,7 @@ def load_local_shards(model: torch.nn.Module, folder: Path) -> None:
             else:
                 t.copy_(sl[:])
     if problems:
-        raise ValueError(f"cannot load {folder}: " + "; ".join(problems[:5]))
+        raise CheckpointError(f"cannot load {folder}: " + "; ".join(problems[:5]))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from branchmerge.errors import ConfigError
 from branchmerge.train.flops import ModelShape, peak_bf16_flops, shape_from_config
 from branchmerge.train.memory_model import GiB, MemoryInputs, MemoryPlan, memory
 
@@ -146,7 +147,7 @@ def model_shape(model_cfg: Any) -> ModelShape:
     path = model_cfg.path
     if path is None:
         if model_cfg.arch is None:
-            raise ValueError(f"model '{model_cfg.name}' needs `path` or `arch` for a plan")
+            raise ConfigError(f"model '{model_cfg.name}' needs `path` or `arch` for a plan")
         arch = dict(model_cfg.arch)
         model_type = arch.pop("model_type", "qwen2")
         if "vocab_size" not in arch:
@@ -157,18 +158,18 @@ def model_shape(model_cfg: Any) -> ModelShape:
         return shape_from_config(AutoConfig.from_pretrained(str(folder)))
     if str(path) in KNOWN_SHAPES:
         return KNOWN_SHAPES[str(path)]
-    raise ValueError(
+    raise ConfigError(
         f"model.path={path}: no config.json there and not a hub id the plan knows "
         f"({', '.join(KNOWN_SHAPES)}); point model.path at a local folder with the model's config.json"
     )
 
 
 def _vocab_from_tokenizer(model_cfg: Any) -> int:
-    from branchmerge.toy.tokenizer import padded_vocab_size
+    from branchmerge.models import padded_vocab_size
 
     tok = model_cfg.tokenizer
     if tok is None or not Path(str(tok)).expanduser().exists():
-        raise ValueError(
+        raise ConfigError(
             f"model '{model_cfg.name}': `arch` has no vocab_size and tokenizer {tok} is not a local folder; "
             "add model.arch.vocab_size or build the tokenizer first"
         )
@@ -216,7 +217,7 @@ def _count_records(path: Path) -> int:
             return sum(1 for line in f if line.strip())
     if path.suffix == ".json":
         return len(json.loads(path.read_text()))
-    raise ValueError(f"{path}: cannot count records of a {path.suffix} file; pass +plan.records=N")
+    raise ConfigError(f"{path}: cannot count records of a {path.suffix} file; pass +plan.records=N")
 
 
 # ---- time ---------------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def time_plan(cfg: Any, shape: ModelShape, data: DataPlan, world: int, peak: flo
 def world_size(cfg: Any) -> int:
     devices = cfg.trainer.devices
     if not str(devices).isdigit():
-        raise ValueError(f"trainer.devices={devices}: a plan needs an integer number of devices per node")
+        raise ConfigError(f"trainer.devices={devices}: a plan needs an integer number of devices per node")
     return int(devices) * cfg.trainer.num_nodes
 
 
@@ -251,7 +252,7 @@ def memory_inputs(cfg: Any, shape: ModelShape, opts: dict) -> MemoryInputs:
     t = cfg.trainer
     gpu = opts.get("gpu", "H100-SXM")
     if gpu not in GPUS:
-        raise ValueError(f"+plan.gpu={gpu} is unknown; pick one of {sorted(GPUS)}")
+        raise ConfigError(f"+plan.gpu={gpu} is unknown; pick one of {sorted(GPUS)}")
     fsdp = cfg.strategy.name == "fsdp2"
     bf16 = str(t.precision).startswith(("bf16", "16"))
     return MemoryInputs(
@@ -276,7 +277,7 @@ def estimate(cfg: Any, opts: dict | None = None) -> Plan:
     opts = dict(opts or {})
     unknown = set(opts) - PLAN_KEYS
     if unknown:
-        raise ValueError(f"unknown plan option(s) {sorted(unknown)}; known: {sorted(PLAN_KEYS)}")
+        raise ConfigError(f"unknown plan option(s) {sorted(unknown)}; known: {sorted(PLAN_KEYS)}")
     shape = model_shape(cfg.model)
     world = world_size(cfg)
     inputs = memory_inputs(cfg, shape, opts)
@@ -324,7 +325,7 @@ def check(cfg: Any, opts: dict | None = None) -> Plan:
     plan = estimate(cfg, opts)
     log.info("%s", plan.render())
     if plan.fix is not None:
-        raise ValueError(
+        raise ConfigError(
             f"the run does not fit in GPU memory ({plan.memory.total_bytes / GiB:.1f} of "
             f"{plan.memory.card_bytes / GiB:.1f} GiB per GPU): {plan.fix}"
         )

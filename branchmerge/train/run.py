@@ -26,6 +26,7 @@ from branchmerge.config import validate
 from branchmerge.config.schema import TrainConfig
 from branchmerge.data.datamodule import BranchDataModule
 from branchmerge.data.tokenize import add_template_tokens, check_template_tokens
+from branchmerge.errors import ConfigError, MissingFileError
 from branchmerge.models import attention_implementation, load_tokenizer, model_config
 from branchmerge.train.checkpoint import AtomicCheckpoint, newest_checkpoint
 from branchmerge.train.export import export_hf, export_plan
@@ -43,7 +44,7 @@ def make_strategy(cfg: Any, on_gpu: bool):
     world = int(t.devices) * t.num_nodes if str(t.devices).isdigit() else None
     if s.name == "single":
         if str(t.devices) not in ("1", "auto") or t.num_nodes != 1:
-            raise ValueError(
+            raise ConfigError(
                 "strategy=single runs one process: set trainer.devices=1 or pick strategy=ddp/fsdp2"
             )
         return "auto"
@@ -51,9 +52,9 @@ def make_strategy(cfg: Any, on_gpu: bool):
     if s.name == "ddp":
         return DDPStrategy(process_group_backend=backend, timeout=timeout)
     if world is None:
-        raise ValueError("strategy=fsdp2 needs an explicit trainer.devices (an integer)")
+        raise ConfigError("strategy=fsdp2 needs an explicit trainer.devices (an integer)")
     if s.cpu_offload:
-        raise ValueError(
+        raise ConfigError(
             "strategy.cpu_offload=true is not supported: Lightning's ModelParallelStrategy moves every "
             "parameter to the GPU after sharding, which breaks FSDP2's CPU-offloaded shards. Shard over "
             "more GPUs instead (raise trainer.num_nodes; `python -m branchmerge.train.plan` shows the "
@@ -79,7 +80,7 @@ def _prepare_tokenizer(cfg: Any, tokenizer: Any) -> None:
     check_template_tokens(tokenizer, cfg.data.template)
     limit = cfg.model.max_position_embeddings or getattr(mc, "max_position_embeddings", None)
     if limit is not None and cfg.data.max_length > limit:
-        raise ValueError(
+        raise ConfigError(
             f"data.max_length={cfg.data.max_length} exceeds what model '{cfg.model.name}' can take "
             f"(max_position_embeddings={limit}); lower data.max_length"
         )
@@ -93,7 +94,7 @@ def check_attention(cfg: Any, on_gpu: bool) -> str:
     d = cfg.data
     per_document = d.packing and not d.cross_document_attention
     if attn == "flash_attention_2" and per_document and cfg.trainer.micro_batch_size > 1:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.micro_batch_size={cfg.trainer.micro_batch_size} with packed rows on "
             "flash_attention_2: its per-document path takes one packed row per micro-batch; set "
             "trainer.micro_batch_size=1 (raise data.max_length to fit more documents per row)"
@@ -136,7 +137,7 @@ def train(cfg: DictConfig) -> float | None:
         if training_signature(done["config"]) != training_signature(
             OmegaConf.to_container(cfg, resolve=True)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"{run_dir} holds a finished run with a different recipe (model, data, optimisation or "
                 "schedule); pick another run_name, delete that folder, or set resume=never to overwrite it"
             )
@@ -171,7 +172,7 @@ def train(cfg: DictConfig) -> float | None:
     elif cfg.resume != "never":
         ckpt_path = Path(cfg.resume)
         if not ckpt_path.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"resume={cfg.resume} does not exist; use resume=auto or a step-*.ckpt path"
             )
     if ckpt_path is not None:
@@ -256,7 +257,7 @@ def _overrides(cfg: DictConfig) -> list[str]:
         from hydra.core.hydra_config import HydraConfig
 
         return list(HydraConfig.get().overrides.task)
-    except Exception:
+    except ValueError:  # "HydraConfig was not set": called outside a Hydra app (tests, notebooks)
         return []
 
 

@@ -61,7 +61,7 @@ def chunked_loss(
 ) -> torch.Tensor:
     """Σ -log p(label) over label positions, logits of `chunk` tokens at a time, recomputed in backward."""
     try:
-        from branchmerge.train.loss import chunked_token_loss_sum
+        from branchmerge.lm_loss import chunked_token_loss_sum
     except ImportError:
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)

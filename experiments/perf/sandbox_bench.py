@@ -24,9 +24,9 @@ import statistics
 import time
 from pathlib import Path
 
-from branchmerge.eval import sandbox
-from branchmerge.eval.graders import grade_code_many
-from branchmerge.eval.sandbox import run_python
+from branchmerge.verify import sandbox
+from branchmerge.verify.graders import grade_code_many
+from branchmerge.verify.sandbox import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "perf" / "results"

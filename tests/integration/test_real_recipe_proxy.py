@@ -105,7 +105,9 @@ def test_paper_recipe_runs_on_an_r1_distill_shaped_proxy(
     assert prompt == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=6, do_sample=False, generation_config=gen)
-    assert out.shape[1] > ids["input_ids"].shape[1]
+    with torch.no_grad():  # greedy generation continues with the forward pass's argmax
+        first = model(**ids).logits[0, -1].argmax()
+    assert out.shape[1] > ids["input_ids"].shape[1] and out[0, ids["input_ids"].shape[1]] == first
     # the weights moved from the checkpoint's: training ran on the loaded model
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     delta = model.model.layers[0].mlp.up_proj.weight.float() - base.model.layers[0].mlp.up_proj.weight.float()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from branchmerge.eval import sandbox
-from branchmerge.eval.sandbox import UID_BASE, Limits, run_python
+from branchmerge.verify import sandbox
+from branchmerge.verify.sandbox import UID_BASE, Limits, run_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only")
 

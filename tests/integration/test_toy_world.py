@@ -5,8 +5,9 @@ import json
 import pytest
 
 from branchmerge.data.records import read_records
+from branchmerge.foundation import file_hash
 from branchmerge.toy.tokenizer import SPECIAL_TOKENS, padded_vocab_size
-from branchmerge.toy.world import SplitSpec, build_world, check_disjoint, render_chat, sha256_file
+from branchmerge.toy.world import SplitSpec, build_world, check_disjoint, render_chat
 from tests.conftest import SMALL_WORLD
 
 
@@ -19,7 +20,7 @@ def test_world_layout_and_sizes(toy_world):
             assert len(recs) == size == manifest["sizes"][domain][split]
             assert {r.domain for r in recs} == {domain}
             assert len({r.id for r in recs}) == size
-            assert manifest["sha256"][f"{domain}/{split}"] == sha256_file(path)
+            assert manifest["sha256"][f"{domain}/{split}"] == file_hash(path, "sha256")
         assert manifest["sizes"][domain]["test"] >= 200
 
 

@@ -104,7 +104,9 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_export(single_run):
         return_dict=True,
     )
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] > ids["input_ids"].shape[1]
+    with torch.no_grad():  # greedy generation continues with the forward pass's argmax
+        first = model(**ids).logits[0, -1].argmax()
+    assert out.shape[1] > ids["input_ids"].shape[1] and out[0, ids["input_ids"].shape[1]] == first
 
 
 def test_fisher_importance_file(single_run):

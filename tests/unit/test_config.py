@@ -85,7 +85,7 @@ def test_every_output_goes_under_paths_output_dir(tmp_path):
     assert Path(cfg.paths.toy_dir).is_relative_to(tmp_path)
 
 
-PAPER_RECIPES = {  # PAPER.md, Setup: (epochs, schedule, global batch, cross-document attention)
+PAPER_RECIPES = {  # docs/method.md, Setup: (epochs, schedule, global batch, cross-document attention)
     "math_branch": (5, "constant_with_warmup", 96, True),
     "code_branch": (15, "constant_with_warmup", 96, False),
     "science_branch": (5, "cosine", 32, False),

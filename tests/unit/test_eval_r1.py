@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 
 from branchmerge.config import validate
 from branchmerge.config.schema import EvalRunnerConfig
-from branchmerge.eval.graders import grade_math
 from branchmerge.eval.harness import (
     build_lm,
     check_gpus,
@@ -20,6 +19,7 @@ from branchmerge.eval.harness import (
     resolve_dtype,
     unclosed,
 )
+from branchmerge.verify.graders import grade_math
 from tests.r1_chat import pico_r1, r1_tokenizer
 
 QUESTION = [{"role": "user", "content": "What is 2+2?"}]

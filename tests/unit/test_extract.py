@@ -3,7 +3,7 @@ missing answers, letter variants and several code blocks."""
 
 import pytest
 
-from branchmerge.eval.extract import (
+from branchmerge.verify.extract import (
     boxed_contents,
     extract_letter,
     final_part,

@@ -2,8 +2,8 @@
 
 import json
 
-from branchmerge.eval.datasets import load_gpqa_diamond, load_livecodebench
-from branchmerge.eval.graders import grade_code, grade_letter, grade_math
+from branchmerge.data.benchmarks import load_gpqa_diamond, load_livecodebench
+from branchmerge.verify.graders import grade_code, grade_letter, grade_math
 from tests.conftest import ROOT
 
 FIX = ROOT / "tests" / "fixtures" / "eval"
@@ -59,7 +59,7 @@ def test_grade_math_works_off_the_main_thread():
     """math-verify's SIGALRM timeout only works in the main thread; graders must not silently fail."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from branchmerge.eval.graders import grade_math
+    from branchmerge.verify.graders import grade_math
 
     with ThreadPoolExecutor(2) as pool:
         right = pool.submit(grade_math, r"so \boxed{0.75}", r"\frac{3}{4}").result()

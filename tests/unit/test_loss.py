@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from branchmerge.train.loss import chunked_token_loss_sum, token_loss_sum
+from branchmerge.lm_loss import chunked_token_loss_sum, token_loss_sum
 
 
 def _inputs(b=2, length=37, h=16, v=301, seed=0):
@@ -38,7 +38,7 @@ def test_chunked_loss_and_gradients_equal_the_full_cross_entropy(chunk):
 _PEAK = textwrap.dedent(
     """
     import sys, torch
-    from branchmerge.train.loss import chunked_token_loss_sum
+    from branchmerge.lm_loss import chunked_token_loss_sum
     def hwm():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM"):

@@ -1,4 +1,4 @@
-"""Every registered merge method has conf/merge/<name>.yaml (STYLE.md rule 5): selecting it is one token
+"""Every registered merge method has conf/merge/<name>.yaml: selecting it is one token
 (`python merge.py merge=ties ...`), and the file's parameters are the method's own, with its defaults."""
 
 import pytest

@@ -69,7 +69,7 @@ def test_fisher_by_hand():
 
 
 def paper_arcee(base: torch.Tensor, other: torch.Tensor, seed_draws=None, k: float = 1.5) -> torch.Tensor:
-    """PAPER.md's Arcee Fusion written out directly (the reference the engine's version must match)."""
+    """docs/method.md's Arcee Fusion written out directly (the reference the engine's version must match)."""
     delta = other - base
     r2 = other.reshape(1, -1) if other.dim() == 1 else other
     b2 = base.reshape(1, -1) if base.dim() == 1 else base
@@ -112,6 +112,25 @@ def test_arcee_fusion_matches_the_paper_equations(shape):
     )  # same seed, same output
     frac = ((ours - base).abs() > 0).float().mean().item()
     assert 0.0 < frac < 0.5  # an outlier threshold keeps a minority of coordinates
+
+
+@pytest.mark.parametrize("k", [0.5, 3.0])
+def test_arcee_fusion_k_is_used_above_a_million_entries(k):
+    """Guards against a threshold that ignores `k` on the subsampled path (planted: k hard-coded to 1.5
+    when S has more than 10^6 entries): a 1.2M-entry tensor must match the reference at k."""
+    from branchmerge.merge.methods.arcee_fusion import Subsample
+    from branchmerge.merge.methods.sparse import tensor_seed
+
+    shape = (1500, 800)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=g)
+    other = base + 0.05 * torch.randn(shape, generator=g)
+    ours = call("arcee_fusion", [other], base, seed=0, tensor_name="w", k=k)
+    sub = Subsample(*shape, tensor_seed(0, "w", 0), torch.float32, "cpu")
+    ref = paper_arcee(base, other, [sub.indices(w) for w in (0, 1)], k=k)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    default = paper_arcee(base, other, [sub.indices(w) for w in (0, 1)])
+    assert (ref != default).sum() > 1000  # k moves the threshold: a wrong k cannot pass by chance
 
 
 def test_arcee_subsamples_are_uniform_draws_with_replacement():

@@ -148,7 +148,7 @@ def test_layer_activation_model_matches_measurement(h, heads, kv, i, dtype):
 # ---- the chunked loss ----------------------------------------------------------------------------
 def _chunked_loss_fn():
     try:
-        from branchmerge.train.loss import chunked_token_loss_sum
+        from branchmerge.lm_loss import chunked_token_loss_sum
 
         return chunked_token_loss_sum
     except ImportError:  # the project's loss not present yet: the same computation, checkpointed per chunk

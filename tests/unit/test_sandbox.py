@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from branchmerge.eval import sandbox
-from branchmerge.eval.sandbox import Limits, SandboxUnavailableError, run_python
+from branchmerge.verify import sandbox
+from branchmerge.verify.sandbox import Limits, SandboxUnavailableError, run_python
 
 
 def test_ok_program_and_stdin():
@@ -111,7 +111,7 @@ def test_process_isolation_still_runs_when_chosen_explicitly(monkeypatch, tmp_pa
     monkeypatch.setenv("PATH", str(tmp_path))
     r = run_python("import sys\nprint(sys.stdin.read()[::-1])", stdin="abc", isolation="process")
     assert r.status == "ok" and r.stdout == "cba\n"
-    with caplog.at_level(logging.WARNING, logger="branchmerge.eval.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="branchmerge.verify.sandbox"):
         sandbox.configure("process")
     assert "sandbox.isolation=process" in caplog.text
     assert run_python("print(6 * 7)").stdout == "42\n"
@@ -150,7 +150,7 @@ def test_bwrap_is_the_default_and_is_recorded(restore_settings):
 def test_concurrent_grading_reports_the_first_failing_test_in_order():
     """Bug guarded: with tests run concurrently, reporting the first failure to *finish* (test 3,
     fast) instead of the first in order (test 1, slow), or cancelling a test before it."""
-    from branchmerge.eval.graders import grade_code, grade_code_many
+    from branchmerge.verify.graders import grade_code, grade_code_many
 
     fence = "```python\n{}\n```"
     prog = fence.format(

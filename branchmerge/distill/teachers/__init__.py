@@ -27,10 +27,13 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from branchmerge import errors
+from branchmerge.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
-class TeacherError(RuntimeError):
+class TeacherError(errors.TeacherError):
     """Some requests failed after every retry; what finished is in the journal (rerun to resume)."""
 
 
@@ -97,7 +100,7 @@ class Journal:
         lines = data.decode("utf-8").splitlines()
         header = json.loads(lines[0]).get("_settings") if lines else None
         if header is not None and header != settings:
-            raise ValueError(
+            raise ConfigError(
                 f"journal {self.path} was written with other teacher settings:\n  {header}\nnow:\n  "
                 f"{settings}\nDelete it to regenerate, or restore the settings to resume."
             )
@@ -170,4 +173,4 @@ def build_teacher(cfg: Any, **kwargs) -> Teacher:
         from branchmerge.distill.teachers.local import ToyTeacher
 
         return ToyTeacher(cfg, **kwargs)
-    raise ValueError(f"unknown teacher '{cfg.name}'")
+    raise ConfigError(f"unknown teacher '{cfg.name}'")

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from branchmerge.distill.teachers import GenRequest, GenResult, request_seed, with_seed
-from branchmerge.eval.extract import reopen_think
+from branchmerge.errors import ConfigError, MissingFileError
+from branchmerge.verify.extract import reopen_think
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class HFTeacher:
     def __init__(self, cfg: Any, model: Any = None, tok: Any = None):
         """`model`/`tok` given (tests): used as they are; else loaded from cfg.model in float32."""
         if not cfg.model and model is None:
-            raise ValueError("teacher=hf needs teacher.model (a local Hugging Face folder)")
+            raise ConfigError("teacher=hf needs teacher.model (a local Hugging Face folder)")
         self.cfg = cfg
         if model is None:
             import torch
@@ -128,14 +129,14 @@ class ToyTeacher:
 
         files = sorted(Path(toy_dir or "").glob("data/*/*.jsonl"))
         if not files:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"the toy teacher needs a toy world at {toy_dir}: run `python distill.py +experiment=toy_data`"
             )
         self.traces = {r.prompt: r.response for f in files for r in read_records(f) if r.response}
         self.corrupt = dict(cfg.corrupt or {})
         unknown = set(self.corrupt) - {"wrong_answer", "unclosed_think"}
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher.corrupt: unknown keys {sorted(unknown)}; known: wrong_answer, unclosed_think"
             )
         self.seed = cfg.seed or 0

@@ -30,7 +30,8 @@ import httpx
 from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.distill.teachers import GenRequest, GenResult, request_seed, with_seed
-from branchmerge.eval.extract import THINK_CLOSE, THINK_OPEN
+from branchmerge.errors import ConfigError
+from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -70,7 +71,7 @@ class OpenAITeacher:
     def __init__(self, cfg: Any, transport: httpx.AsyncBaseTransport | None = None):
         self.transport = transport  # tests inject httpx.MockTransport; None = the network
         if not cfg.base_url or not cfg.model:
-            raise ValueError(
+            raise ConfigError(
                 "teacher=openai needs teacher.base_url (e.g. http://host:8000/v1) and teacher.model"
             )
         self.cfg = cfg

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 
-from branchmerge.eval import datasets as D
-from branchmerge.eval import graders as G
-from branchmerge.toy.domains import get_domain
+from branchmerge.data import benchmarks as D
+from branchmerge.verify import graders as G
 
 
 def load_toy_math(**kw):
@@ -48,9 +47,8 @@ def _scored(verdicts: list[bool]) -> dict:
 
 
 def process_toy(doc: dict, results: list) -> dict:
-    dom = get_domain(doc["domain"])
     meta = json.loads(doc["meta"])
-    return _scored([dom.verify(r, doc["answer"], meta) for r in _responses(results)])
+    return _scored([G.grade_toy(doc["domain"], r, doc["answer"], meta) for r in _responses(results)])
 
 
 def process_aime(doc: dict, results: list) -> dict:

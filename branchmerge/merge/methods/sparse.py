@@ -28,6 +28,7 @@ import zlib
 
 import torch
 
+from branchmerge.foundation import mix_seed
 from branchmerge.merge.methods import Method, register
 from branchmerge.merge.methods.blocks import BLOCK, map_blocks, spans
 
@@ -37,7 +38,7 @@ SMALL = 1 << 18  # below this a full selection is cheaper than sampling + counti
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A per-(tensor, model) seed: results do not depend on the order tensors are processed in."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % (2**63)
+    return mix_seed(seed, zlib.crc32(name.encode()) * 31 + index)
 
 
 def _select(n: int, k: int, seed: int, at, block) -> torch.Tensor:
@@ -124,7 +125,7 @@ class KeepMask:
         self.seed = seed
 
     def __call__(self, i: int, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * (i + 1)) % 2**63)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 7919 * (i + 1)))
         words = torch.empty(-(-n * self.bytes // 8), dtype=torch.int64)
         words.random_(-(2**63), None, generator=g)  # all 64 bits uniform
         return words.view(self.view)[:n] < self.limit

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from branchmerge.errors import ConfigError, SandboxError
+
 log = logging.getLogger(__name__)
 
 ISOLATIONS = ("bwrap", "process")
@@ -98,7 +100,7 @@ exec(compile(_src, "main.py", "exec"), {"__name__": "__main__", "__builtins__": 
 """
 
 
-class SandboxUnavailableError(RuntimeError):
+class SandboxUnavailableError(SandboxError):
     """The requested isolation cannot run here (bubblewrap missing, too old, or no namespaces)."""
 
 
@@ -135,9 +137,9 @@ def configure(isolation: str = "bwrap", workers: int | None = None, verify_now: 
     """Set the process-wide isolation and concurrency (from `sandbox:` in the eval/distill config);
     `verify_now`: prove bwrap works now (before hours of generation), not at the first program."""
     if isolation not in ISOLATIONS:
-        raise ValueError(f"sandbox.isolation={isolation!r} is not one of {ISOLATIONS}")
+        raise ConfigError(f"sandbox.isolation={isolation!r} is not one of {ISOLATIONS}")
     if workers is not None and workers < 1:
-        raise ValueError(f"sandbox.workers={workers} must be >= 1 (or null for the CPU count)")
+        raise ConfigError(f"sandbox.workers={workers} must be >= 1 (or null for the CPU count)")
     if isolation == "process":
         log.warning(PROCESS_WARNING)
     _settings.update(isolation=isolation, workers=workers)
@@ -186,7 +188,7 @@ def run_python(
             return _run_bwrap(bwrap, interp, program, stdin, limits, wall, uid)
     if iso == "process":
         return _run_process(program, stdin, limits, wall)
-    raise ValueError(f"isolation={iso!r} is not one of {ISOLATIONS}")
+    raise ConfigError(f"isolation={iso!r} is not one of {ISOLATIONS}")
 
 
 def _runner_args(main: str, limits: Limits, as_init: bool) -> list[str]:

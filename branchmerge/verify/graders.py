@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from functools import lru_cache
 from typing import Any
 
-from branchmerge.eval import sandbox
-from branchmerge.eval.extract import extract_letter, last_boxed, last_code_block, normalize_output
-from branchmerge.eval.sandbox import Limits, run_python
+from branchmerge.verify import sandbox
+from branchmerge.verify.extract import extract_letter, last_boxed, last_code_block, normalize_output
+from branchmerge.verify.sandbox import Limits, run_python
 
 
 def grade_math(response: str, answer: str) -> bool:
@@ -134,3 +135,51 @@ def _code_failure(r: Any, test: dict[str, str] | None) -> str | None:
     if normalize_output(r.stdout) != normalize_output(test["output"]):
         return "wrong output"
     return None
+
+
+# The toy world's verifiers: the toy domains, the toy evaluation tasks and distillation all grade with
+# these, so none of them has to import another's package.
+
+
+def grade_toy_math(response: str, reference: str) -> bool:
+    """The integer in the last `\\boxed{}` equals the reference (commas, spaces and a leading + ignored)."""
+    got = last_boxed(response)
+    if got is None:
+        return False
+    got = got.replace(",", "").replace(" ", "").removeprefix("+")
+    try:
+        return int(got) == int(reference)
+    except ValueError:
+        return False
+
+
+def grade_toy_letter(response: str, reference: str, letters: str = "ABCD") -> bool:
+    return extract_letter(response, letters) == reference
+
+
+@lru_cache(maxsize=4096)
+def run_program(program: str, timeout_s: float = 5.0) -> str | None:
+    """The program's real stdout from a separate sandboxed process; None if it failed or timed out."""
+    result = run_python(program, timeout_s=timeout_s)
+    return result.stdout if result.status == "ok" else None
+
+
+def grade_toy_output(response: str, reference: str, program: str | None = None) -> bool:
+    """The response's last code block equals the real output of `program` run in the sandbox (without a
+    program: `reference`), after normalising whitespace."""
+    got = last_code_block(response)
+    if got is None:
+        return False
+    expected = reference if program is None else run_program(program)
+    return expected is not None and normalize_output(got) == normalize_output(expected)
+
+
+def grade_toy(domain: str, response: str, reference: str, meta: dict | None = None) -> bool:
+    """Grade a response to a toy problem of `domain` (math, code or science)."""
+    if domain == "math":
+        return grade_toy_math(response, reference)
+    if domain == "science":
+        return grade_toy_letter(response, reference)
+    if domain == "code":
+        return grade_toy_output(response, reference, (meta or {}).get("program"))
+    raise KeyError(f"unknown toy domain '{domain}'; known: ['code', 'math', 'science']")

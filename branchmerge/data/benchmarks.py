@@ -25,6 +25,8 @@ from pathlib import Path
 import datasets
 
 from branchmerge.data.records import read_records
+from branchmerge.errors import DataError, MissingFileError
+from branchmerge.foundation import mix_seed
 
 SOURCES = {
     "aime24": (
@@ -56,13 +58,13 @@ def _path(task: str, data_dir: str | None) -> Path:
     fname, source = SOURCES[task]
     path = Path(data_dir or "data/eval") / fname
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"evaluation set for {task} not found at {path}: get it from {source} (or set eval.data_dir)"
         )
     return path
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
@@ -72,7 +74,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def load_aime24(data_dir: str | None = None, **_) -> dict:
-    rows = _read_rows(_path("aime24", data_dir))
+    rows = read_rows(_path("aime24", data_dir))
     docs = [
         {"id": str(r.get("id", i)), "prompt": f"{r['problem']}\n{MATH_PROMPT}", "answer": str(r["answer"])}
         for i, r in enumerate(rows)
@@ -82,7 +84,7 @@ def load_aime24(data_dir: str | None = None, **_) -> dict:
 
 def load_gpqa_diamond(data_dir: str | None = None, n_samples: int = 4, seed: int = 0, **_) -> dict:
     """One document per (question, sample): sample k shows the options in the order of seed (seed, q, k)."""
-    rows = _read_rows(_path("gpqa_diamond", data_dir))
+    rows = read_rows(_path("gpqa_diamond", data_dir))
     docs = []
     for q, r in enumerate(rows):
         options = [
@@ -92,7 +94,7 @@ def load_gpqa_diamond(data_dir: str | None = None, n_samples: int = 4, seed: int
             r["Incorrect Answer 3"],
         ]
         for k in range(n_samples):
-            shuffle_seed = seed * 1_000_003 + q * 101 + k
+            shuffle_seed = mix_seed(seed, q * 101 + k)
             order = list(range(4))
             random.Random(shuffle_seed).shuffle(order)
             letter = "ABCD"[order.index(0)]
@@ -122,7 +124,7 @@ def load_livecodebench(
     """code_generation_lite problems with start <= contest_date < end (the paper's window)."""
     lo, hi = date.fromisoformat(start), date.fromisoformat(end)
     docs = []
-    for r in _read_rows(_path("livecodebench", data_dir)):
+    for r in read_rows(_path("livecodebench", data_dir)):
         d = date.fromisoformat(str(r["contest_date"])[:10])
         if not lo <= d < hi:
             continue
@@ -147,7 +149,7 @@ def load_livecodebench(
             }
         )
     if not docs:
-        raise ValueError(
+        raise DataError(
             f"no LiveCodeBench problem dated {start} <= d < {end} in {_path('livecodebench', data_dir)}"
         )
     return {"test": datasets.Dataset.from_list(docs)}
@@ -156,9 +158,7 @@ def load_livecodebench(
 def load_toy(domain: str, toy_dir: str | None = None, limit: int | None = None, **_) -> dict:
     path = Path(toy_dir or "outputs/toy_world") / "data" / domain / "test.jsonl"
     if not path.exists():
-        raise FileNotFoundError(
-            f"toy test set {path} not found: run `python distill.py +experiment=toy_data`"
-        )
+        raise MissingFileError(f"toy test set {path} not found: run `python distill.py +experiment=toy_data`")
     docs = [
         {
             "id": r.id,

@@ -1,0 +1,1 @@
+"""Checking answers: extraction from responses, graders (math, letters, code, toy), the code sandbox."""
