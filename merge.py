@@ -12,13 +12,19 @@ import hydra
 from omegaconf import DictConfig
 
 import branchmerge.config.resolvers  # noqa: F401  (${bm_cwd:} in conf/paths/, conf/hparams_search/)
+from branchmerge.errors import reported
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="merge")
 def main(cfg: DictConfig) -> float | list[float] | dict:
-    from branchmerge.sweep.trial import run_trial
+    with reported():  # a BranchmergeError: one line on stderr, exit status 1
+        if cfg.get("eval") is None:  # a merge: the merge stage alone
+            from branchmerge.merge.run import run
 
-    return run_trial(cfg)
+            return run(cfg)
+        from branchmerge.sweep.trial import run_trial  # a scored merge (a sweep trial)
+
+        return run_trial(cfg)
 
 
 if __name__ == "__main__":

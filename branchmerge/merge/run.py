@@ -71,8 +71,9 @@ def _same_inputs(old: dict, models: dict[str, Path], recipe: dict) -> bool:
     return True
 
 
-def run(cfg: DictConfig) -> dict:
-    cfg = validate(cfg, MergeConfig)
+def run(cfg: DictConfig, validated: bool = False) -> dict:
+    """Merge as `cfg` says (a composed merge config; `validated`: already checked by `validate`)."""
+    cfg = cfg if validated else validate(cfg, MergeConfig)
     out = Path(cfg.output_dir)
     models, steps, options, recipe = recipe_from_config(cfg)
     if (out / "merge_provenance.json").exists() and not cfg.overwrite:

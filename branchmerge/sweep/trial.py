@@ -46,7 +46,7 @@ def run_trial(cfg: DictConfig) -> float | list[float] | dict:
     run_dir = Path(cfg.paths.run_dir)
     try:
         checked = validate(cfg, MergeConfig)
-        record = merge_run(cfg)
+        record = merge_run(checked, validated=True)
         scores = score_model(Path(checked.output_dir), checked, run_dir / "eval")
         objective = objective_of(scores, checked.score.metric)
         values = [objective_of(scores, task) for task in checked.score.objectives]

@@ -37,6 +37,11 @@ CASES = {
         ["eval=paper", "model_path=/nonexistent/branch"],
         "error: MissingFileError: model_path=/nonexistent/branch is not a Hugging Face model folder",
     ),
+    "merge": (
+        "merge.py",
+        ["method=linear", "inputs=[/nonexistent/a,/nonexistent/b]", "output_dir=/tmp/bm-never-written"],
+        "error: CheckpointError: checkpoint folder /nonexistent/a does not exist",
+    ),
     "distill": (
         "distill.py",
         ["teacher=toy"],
