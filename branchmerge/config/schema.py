@@ -115,13 +115,15 @@ class TrainConfig:
 
 @dataclass
 class MergeOptionsConfig:
-    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """How the merge engine runs (also its `MergeOptions`)."""
+
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None = each tensor's input dtype
     compute_dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     device: str = "cpu"
-    copy_files_from: str | None = None
+    copy_files_from: str | None = None  # a model name; default: the final step's base or first input
     max_shard_bytes: int = 5_000_000_000
     check_finite: bool = True
-    chunk_elements: int = 1 << 22
+    chunk_elements: int = 1 << 22  # row-separable chains run in blocks of this many elements (16 MB fp32)
     hash_inputs: bool = True
     progress: bool = True
 

@@ -24,13 +24,13 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from branchmerge.config.schema import MergeOptionsConfig
 from branchmerge.foundation import atomic_dir
 from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWriter
 from branchmerge.merge.methods import blocks
@@ -59,17 +59,9 @@ ARCH_KEYS = (
 )
 
 
-@dataclass
-class MergeOptions:
-    out_dtype: str | None = None  # None = the first input's dtype per tensor
-    compute_dtype: str = "float32"
-    device: str = "cpu"
-    copy_files_from: str | None = None  # a model name; default: the final step's base or first input
-    max_shard_bytes: int = 5 * 1024**3
-    check_finite: bool = True
-    chunk_elements: int = 1 << 22  # row-separable chains run in blocks of this many elements (16 MB fp32)
-    hash_inputs: bool = True
-    progress: bool = True
+# The engine's options are the config group's schema itself (conf/merge.yaml `options:`), so the two
+# can never disagree on a default.
+MergeOptions = MergeOptionsConfig
 
 
 def validate_inputs(ckpts: dict[str, Checkpoint]) -> list[str]:
