@@ -29,7 +29,7 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 CASES = {
     "train": (
         "train.py",
-        ["+experiment=toy_math_branch", "trainer.micro_batch_size=two"],
+        ["+experiment=math_branch", "trainer.micro_batch_size=two"],  # caught before any model or data
         "error: ConfigError: TrainConfig config: trainer.micro_batch_size: expected int",
     ),
     "eval": (
