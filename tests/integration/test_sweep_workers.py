@@ -215,7 +215,7 @@ def test_n_jobs_local_workers_feed_one_study(fake_branches, toy_world):  # noqa:
 
     out = fake_branches.parent / "local"
     shutil.copytree(fake_branches / "train", out / "train")
-    merge_cmd(
+    proc = merge_cmd(
         out,
         toy_world,
         "+experiment=toy_merge_arcee",
@@ -227,6 +227,9 @@ def test_n_jobs_local_workers_feed_one_study(fake_branches, toy_world):  # noqa:
     )
     sweep = out / "sweeps" / "toy_arcee_optuna"
     study = optuna.load_study(study_name="toy_arcee_optuna", storage=f"sqlite:///{sweep / 'optuna.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # not 3 per copy
+    log = proc.stdout + proc.stderr
+    assert "worker 0: cores" in log and "worker 1: cores" in log  # two pinned copies started
+    # which copy claims which trial is a race (on a loaded machine one may claim all three): at most two
+    assert 1 <= len({t.user_attrs["worker"] for t in study.trials}) <= 2
     assert len(rows_ok(sweep)) == 3
