@@ -81,15 +81,31 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
         else "failed_trial_callback"
     )
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            sqlalchemy_url(url),
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            **{callback_kw: retry_callback(max_retry)},
-        )
+    kw = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    kw[callback_kw] = retry_callback(max_retry)
+    return _create_rdb(sqlalchemy_url(url), engine_kwargs, kw)
+
+
+def _create_rdb(url: str, engine_kwargs: dict, kw: dict, attempts: int = 8) -> Any:
+    """RDBStorage(url), tolerating workers that start at once on an empty database: the first to
+    create the schema wins, the others' CREATE TYPE / CREATE TABLE fail with an integrity or
+    operational error and succeed on a retry, when the schema exists."""
+    import random
+    import time
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _native(storage: Any) -> bool:
