@@ -18,24 +18,10 @@ export SQLALCHEMY_SILENCE_UBER_WARNING ?= 1
 # command is printed (evaluating or distilling code fails closed without it). PostgreSQL likewise
 # (its server binaries only: the sweep tests run initdb/pg_ctl in a temporary folder).
 setup: $(STAMP)
-	@command -v bwrap >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing bubblewrap (the code sandbox)"; \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; \
-	  else \
-	    echo "bubblewrap (bwrap) is missing: generated code will not run. Install it with:"; \
-	    echo "  sudo apt-get install bubblewrap    (Fedora: sudo dnf install bubblewrap)"; \
-	  fi; }
-	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing postgresql (the distributed sweep tests start a throwaway server)"; \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }; \
-	  else \
-	    echo "postgresql is missing: tests/integration/test_sweep_workers.py's PostgreSQL test will skip. Install it with:"; \
-	    echo "  sudo apt-get install postgresql    (Fedora: sudo dnf install postgresql-server)"; \
-	  fi; }
+	@bash .ci/require_system_package.sh "command -v bwrap" bubblewrap bubblewrap \
+	  "the code sandbox: generated code fails closed without it"
+	@bash .ci/require_system_package.sh "command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl" \
+	  postgresql postgresql-server "the distributed sweep tests start a throwaway server; they skip without it"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
