@@ -34,9 +34,8 @@ def build_toy(cfg: DictConfig) -> dict:
     check_knobs_all(toy["domains"])
     if "test" not in toy["splits"]:
         raise ConfigError("toy.splits must include a 'test' split (the held-out evaluation set)")
-    splits = [SplitSpec("test", toy["splits"]["test"])] + [
-        SplitSpec(name, size) for name, size in toy["splits"].items() if name != "test"
-    ]
+    order = sorted(toy["splits"], key=lambda name: (name != "test", name == "val"))  # test first, val last
+    splits = [SplitSpec(name, toy["splits"][name]) for name in order]
     manifest = build_world(
         cfg.paths.toy_dir if cfg.domains else cfg.output_dir,
         seed=toy["seed"],

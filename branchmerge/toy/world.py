@@ -1,13 +1,16 @@
 """Build the toy world on disk: per-domain datasets in the record schema, and the tokenizer.
 
-    <out>/data/<domain>/{test,train,base}.jsonl   records (test: the fixed held-out set)
+    <out>/data/<domain>/{test,train,base,val}.jsonl   records (test: the fixed held-out set; val: the
+                                                  held-out set sweeps select on)
     <out>/tokenizer/                              HF tokenizer (byte-level BPE, ChatML template)
     <out>/manifest.json                           sizes, seeds, knobs, file hashes, the disjointness
                                                   check and the teacher/verifier agreement
 
 Splits are generated in order (test first, then the others) from independent seeded streams; an item
 whose prompt already appeared in an earlier split is regenerated, so no test prompt is ever trained on.
-Every split is checked disjoint from every other after writing, not assumed.
+Every split is checked disjoint from every other after writing, not assumed. The held-out splits
+(test and val) are never seen by the tokenizer's training either, and val comes last, so adding or
+resizing it changes no other split and not the tokenizer.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from branchmerge.toy.tokenizer import save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = 2  # bump whenever a domain's problems or traces change: a built world is then rebuilt
+HELD_OUT = ("test", "val")  # evaluation splits: no tokenizer or model is ever trained on them
 
 
 @dataclass(frozen=True)
@@ -151,11 +155,11 @@ def build_world(
             path = out / "data" / domain / f"{split.name}.jsonl"
             sizes[domain][split.name] = write_records(path, records)
             files[f"{domain}/{split.name}"] = path
-            is_test = split.name == "test"
+            held_out = split.name in HELD_OUT
             agreement[f"{domain}/{split.name}"] = teacher_verifier_agreement(
-                domain, records, None if is_test else verify_sample, seed
+                domain, records, None if held_out else verify_sample, seed
             )
-            if not is_test:
+            if not held_out:
                 train_texts.extend(render_chat(r) for r in records)
     overlap = {}
     for domain in domains:
