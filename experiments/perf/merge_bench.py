@@ -190,7 +190,15 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--out", default="merge_bench.json", help="file name under experiments/perf/results")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build_only:
+        build_models(args.root / "models")
+        return
+    # Built in a child: a process's peak RSS survives fork+exec into the children it starts (Linux
+    # copies the old address space's high-water mark at exec), so a bench process that had held the
+    # 4 GB of models would report them as every tool's peak.
+    subprocess.run([sys.executable, __file__, "--build-only", "--root", str(args.root)], check=True)
     models = build_models(args.root / "models")
     paths = {k: str(v) for k, v in models.items()}
     py = None if args.skip_mergekit else mergekit_python(ROOT / "outputs" / "perf" / "venv-mergekit")
