@@ -268,7 +268,7 @@ def _paired_csv(entries: list[Entry], path: Path) -> None:
                 vals = ["pts", *(round(100 * v, 3) for v in (st.delta, st.lo, st.hi)), st.excludes_zero]
                 vals += [st.n, round(100 * st.mean_a, 3), round(100 * st.mean_b, 3)]
                 vals += [
-                    "" if st.p_mcnemar is None else f"{st.p_mcnemar:.6g}",
+                    "" if st.p_mcnemar is None else f"{st.p_mcnemar:.10g}",
                     _blank(st.a_only),
                     _blank(st.b_only),
                 ]
