@@ -152,14 +152,18 @@ def discordant(a: list[float], b: list[float]) -> tuple[int, int] | None:
     return sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
 
 
+def _check_pair(a: list[float], b: list[float]) -> None:
+    if len(a) != len(b) or not a:
+        raise ValueError(
+            f"a paired difference needs two equally long non-empty score lists, got {len(a)}, {len(b)}"
+        )
+
+
 def from_draws(
     a: list[float], b: list[float], da: torch.Tensor, db: torch.Tensor, level: float = LEVEL
 ) -> Paired:
     """Paired A − B from item scores a, b (N,) and their bootstrap means da, db (R,) of one index draw."""
-    if len(a) != len(b) or not a:
-        raise ValueError(
-            f"a paired difference needs two equally long non-empty score lists, got {len(a)} and {len(b)}"
-        )
+    _check_pair(a, b)
     lo, hi = percentile(da - db, level)
     ma, mb = sum(a) / len(a), sum(b) / len(b)
     disc = discordant(a, b)
@@ -171,10 +175,7 @@ def paired_diff(
     a: list[float], b: list[float], *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
 ) -> Paired:
     """Δ = mean(a − b) with its paired bootstrap interval and, for binary scores, exact McNemar."""
-    if len(a) != len(b) or not a:
-        raise ValueError(
-            f"a paired difference needs two equally long non-empty score lists, got {len(a)} and {len(b)}"
-        )
+    _check_pair(a, b)
     draws = bootstrap_means(torch.tensor([a, b]), resamples, seed)
     return from_draws(a, b, draws[:, 0], draws[:, 1], level)
 
