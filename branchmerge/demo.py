@@ -5,7 +5,8 @@
 
 Every stage is the command a user would type, run as its own process (two at a time, one thread
 each: on 2 cores that is faster than one job with two threads). A finished stage is reused when the
-demo runs again. Writes outputs/demo/{table.md,table.csv,table.png,timings.json}.
+demo runs again. Writes outputs/demo/{table.md,table.csv,table.png,timings.json} and the paired
+comparisons between the table's rows on the same items, outputs/demo/{paired.md,paired.csv}.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ MERGES = {  # row label -> merge experiment
     "all three: importance fusion (ours)": "toy_merge_importance",
 }
 DOMAINS = ["toy_math", "toy_code", "toy_science"]
+BASE = "base (toy R1-Distill stand-in)"  # the row labels of stage 4's models, as the paired table names them
+EXPERTS = {"toy_math": "math expert", "toy_code": "code expert", "toy_science": "science expert"}
+MIXTURE = "data mixture SFT"
+FIG2_REFS = ["math + science: TIES", "math + science: Arcee Fusion"]
 
 
 def run(args: list[str], log_name: str) -> float:
@@ -157,11 +162,14 @@ def main() -> None:
     }
     table = write_toy_table(result_files, cost, OUT / "demo")
     fig2 = write_fig2(result_files, OUT / "demo" / "fig2_merge_methods.png")
+    paired = write_paired(result_files, OUT / "demo")
     timings["total"] = time.time() - t_all
     (OUT / "demo" / "timings.json").write_text(json.dumps(timings, indent=2))
     say("\n" + table)
+    say(paired)
     say(
-        f"demo finished in {timings['total']:.0f}s; table.md/.csv/.png, {fig2.name} and timings.json in {OUT / 'demo'}"
+        f"demo finished in {timings['total']:.0f}s; table.md/.csv/.png, paired.md/.csv, {fig2.name} and "
+        f"timings.json in {OUT / 'demo'}"
     )
 
 
@@ -179,6 +187,22 @@ def write_fig2(result_files: dict[str, Path], path: Path) -> Path:
     }
     return plot_methods(
         scores, path, "Merge methods on the toy math + science experts (cf. the paper's Figure 2)"
+    )
+
+
+def write_paired(result_files: dict[str, Path], out_dir: Path) -> str:
+    """paired.md/.csv: merges vs base, experts and mixture; Figure 2's methods vs TIES and Arcee Fusion."""
+    from branchmerge.report.toy_table import write_paired_table
+
+    return write_paired_table(
+        result_files,
+        out_dir,
+        base=BASE,
+        experts=EXPERTS,
+        mixture=MIXTURE,
+        merges=list(MERGES),
+        fig2=[k for k in MERGES if k.startswith("math + science")],
+        fig2_refs=FIG2_REFS,
     )
 
 

@@ -6,9 +6,12 @@
         --out experiments/tinyr1_table2/out
     python -m branchmerge.report table1 --out experiments/tinyr1_table1/out     # the paper's column alone
     python -m branchmerge.report sweep outputs/sweeps/toy_ties_grid             # a sweep's table + plots
+    python -m branchmerge.report paired outputs/eval/toy_merge_ties_toy outputs/eval/toy_base_toy
 
 Tables: writes <out>/<table>.{md,tex,csv} and prints the Markdown. Sweeps: prints the trials best
 first, writes <sweep>/plots/*.png (score against each coefficient, the Pareto front across domains).
+Paired: one line per task of A − B on the shared items (Δ, paired bootstrap 95% interval, exact
+McNemar p and the discordant counts when verdicts are binary).
 """
 
 from __future__ import annotations
@@ -55,6 +58,28 @@ def sweep_main(argv: list[str]) -> None:
         )
 
 
+def paired_main(argv: list[str]) -> None:
+    from branchmerge.report.paired import LEVEL, RESAMPLES, compare_dirs, format_line
+
+    ap = argparse.ArgumentParser(prog="python -m branchmerge.report paired")
+    ap.add_argument("a", type=Path, help="eval folder of model A (holds samples.jsonl)")
+    ap.add_argument("b", type=Path, help="eval folder of model B, scored on the same items")
+    ap.add_argument("--tasks", nargs="+", help="tasks to compare (default: every task of A)")
+    ap.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples over items")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--level", type=float, default=LEVEL, help="interval coverage")
+    args = ap.parse_args(argv)
+    try:
+        res = compare_dirs(
+            args.a, args.b, args.tasks, resamples=args.resamples, seed=args.seed, level=args.level
+        )
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
+    print(f"A = {args.a}\nB = {args.b}\n(* = interval excludes 0)")
+    for task, p in res.items():
+        print(format_line(task, p, args.level))
+
+
 def _cell(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -65,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
+    if argv[:1] == ["paired"]:
+        return paired_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m branchmerge.report", description=__doc__.splitlines()[0])
     ap.add_argument("table", choices=[*PAPER, "custom"])
     ap.add_argument("--paper", type=Path, help="paper CSV (default: the table's own under experiments/)")
