@@ -84,3 +84,28 @@ def test_objective_and_pareto_front():
     assert pareto_front(pts) == [0, 1, 4, 5]  # (2,3) and (0,0) are dominated; equal points both stay
     rows = [{"params": {"k": 1, "s": "x", "w": 0.5}}, {"params": {"k": 2, "s": "y", "w": 0.5}}]
     assert swept_params(rows) == ["k"]
+
+
+def test_winner_and_its_test_scores_on_one_row(tmp_path):
+    """The winner is the best successful trial (a failure's value never wins, even minimizing), and
+    its test scores sit on its row only: a later winner takes them over (guards against two rows
+    showing test scores after a resumed sweep crowned another trial)."""
+    from branchmerge.sweep.results import pick_winner, record_test
+
+    path = tmp_path / "results.jsonl"
+    for name, obj in [("a", 0.3), ("b", 0.5)]:
+        record_trial(path, _trial(tmp_path, name, obj), "all", "maximize")
+    record_trial(path, _trial(tmp_path, "c", -1.0, status="failed"), "all", "maximize")
+    rows = load_results(path)
+    assert pick_winner(rows)["trial"] == "b" and pick_winner(rows, "minimize")["trial"] == "a"
+    assert pick_winner([r for r in rows if r["status"] == "failed"]) is None
+    test = {"suite": "toy", "scores": {"toy_math": {"pass@1": 0.25, "stderr": 0.1}}, "objective": 0.25}
+    record_test(path, rows[0]["run_dir"], test)
+    record_test(path, rows[1]["run_dir"], {**test, "objective": 0.4})
+    rows = load_results(path)
+    assert [r.get("test", {}).get("objective") for r in rows] == [None, 0.4, None]
+    flat = flatten(rows)
+    assert flat[1]["test_objective"] == 0.4 and flat[1]["test_toy_math"] == 0.25
+    assert "test_objective" not in flat[0]
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"test_objective", "test_toy_math"} <= set(header)
