@@ -66,7 +66,7 @@ def _side(results: dict, metric: str) -> dict:
     scores = task_scores(results)
     return {
         "suite": results["suite"],
-        "splits": {t["name"]: t["split"] for t in results["config"]["eval"]["tasks"]},
+        "splits": {t["name"]: t.get("split", "test") for t in results["config"]["eval"]["tasks"]},
         "scores": scores,
         "objective": objective_of(scores, metric) if metric == "mean" or metric in scores else None,
         "dataset_files": {k: v["dataset_file"] for k, v in results["tasks"].items()},
