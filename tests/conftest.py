@@ -18,13 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SMALL_WORLD = {
     "seed": 0,
     "domains": {"math": {}, "code": {}, "science": {}},
-    "splits": {"test": 200, "train": 120, "base": 60},
+    "splits": {"test": 200, "train": 120, "base": 60, "val": 100},
 }
 
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> Path:
-    """A toy world (datasets + tokenizer) with 200 test items per domain, built once per session."""
+    """A toy world (datasets + tokenizer), 200 test and 100 val items per domain, built once per session."""
     from branchmerge.toy.world import SplitSpec, build_world
 
     out = tmp_path_factory.mktemp("toy_world")

@@ -173,6 +173,9 @@ class ScoreConfig(EvalRunnerConfig):
     failure_value: float = -1.0  # what a failed trial returns inside a sweep (the sweep goes on)
     keep_weights: Literal["all", "best", "none"] = "all"  # best: delete every other trial's weights
     results_file: str | None = None  # trial rows (JSONL; a CSV beside it); default <sweep dir>/results.jsonl
+    # after a Hydra sweep, the winner (best `metric` on the sweep's own suite, the val split) is also
+    # scored on this suite (conf/eval/<name>.yaml, the test split); None = don't. See sweep/winner.py.
+    test_eval: str | None = None
     sweep_name: str | None = None  # default: the sweep folder's name
     wandb: WandbTrialConfig = field(default_factory=WandbTrialConfig)
 
@@ -196,6 +199,9 @@ class MergeConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
 
+TOY_TASKS = ("toy_math", "toy_code", "toy_science")  # the only tasks with a val split
+
+
 @dataclass
 class EvalTaskConfig:
     name: Literal["toy_math", "toy_code", "toy_science", "aime24", "gpqa_diamond", "livecodebench"]
@@ -204,6 +210,18 @@ class EvalTaskConfig:
     top_p: float = 1.0
     max_gen_toks: int = 32768
     limit: int | None = None  # first N questions only
+    # which held-out set: test (final numbers) or val (what sweeps select on; toy tasks only)
+    split: Literal["test", "val"] = "test"
+
+    @staticmethod
+    def problems(value: dict, key: str) -> list[str]:
+        """Rules across fields, run by `validate`: only the toy tasks have a val split."""
+        if value.get("split") == "val" and value.get("name") not in TOY_TASKS:
+            return [
+                f"{key}.split: task {value.get('name')} has no val split (only {', '.join(TOY_TASKS)} "
+                "do); set split: test"
+            ]
+        return []
 
 
 @dataclass

@@ -5,7 +5,8 @@
 Checks: unknown keys (with the closest known key as a suggestion), missing required keys, and types
 (str, int, float, bool, None-able, Literal choices, lists, dicts and nested dataclasses). Keys of
 objects built by Hydra (`_target_`, `_partial_`, ...) are passed through where the schema says `dict`.
-Interpolations are resolved first, so `${paths.x}` errors name the key that used them.
+Interpolations are resolved first, so `${paths.x}` errors name the key that used them. A schema class
+may add rules across its fields as a static `problems(value, key) -> list[str]` (EvalTaskConfig does).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ def _check_dataclass(value: dict, tp: type, key: str, problems: list[str]) -> No
                 value[name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
             continue
         _check(value[name], hints[name], _join(key, name), problems)
+    rules = getattr(tp, "problems", None)  # a schema's own rules across its fields
+    if callable(rules):
+        problems.extend(rules(value, key or "<root>"))
 
 
 def _join(prefix: str, name: Any) -> str:

@@ -152,10 +152,12 @@ def build_lm(cfg: Any):
 
 
 def _dataset_file(task: str, cfg: Any) -> Path | None:
-    from branchmerge.data.benchmarks import SOURCES
+    """The file the task's documents came from: for toy tasks the split the suite asked for."""
+    from branchmerge.data.benchmarks import SOURCES, toy_file
 
     if task.startswith("toy_"):
-        return Path(cfg.toy_dir) / "data" / task.removeprefix("toy_") / "test.jsonl"
+        split = next(t.split for t in cfg.eval.tasks if t.name == task)
+        return toy_file(cfg.toy_dir, task.removeprefix("toy_"), split)
     return Path(cfg.data_dir) / SOURCES[task][0] if task in SOURCES else None
 
 
@@ -164,6 +166,7 @@ def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
     from lm_eval.tasks import TaskManager, get_task_dict
 
     meta = {"data_dir": cfg.data_dir, "toy_dir": cfg.toy_dir, "seed": cfg.seed, "n_samples": spec.n}
+    meta["split"] = spec.split  # test or val (the loaders of the real benchmarks refuse val)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=meta)
     task = get_task_dict([spec.name], tm)[spec.name]
     per_doc = spec.name in PER_SAMPLE_DOCS

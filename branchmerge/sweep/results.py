@@ -4,6 +4,9 @@
                                  "objective", "weights_kept", "model_dir", ...} per line
     <sweep dir>/results.csv     the same, flat: one column per parameter and per task
 
+After a Hydra sweep the winner's row also carries `test` ({suite, scores, objective}: the winner scored
+on the test split, see winner.py), flattened to `test_objective` and `test_<task>` columns.
+
 Trials may finish concurrently (a Hydra launcher with several workers, several W&B agents): every
 update takes an exclusive lock on <results>.lock and rewrites the files atomically.
 """
@@ -71,6 +74,28 @@ def record_trial(path: Path, row: dict, keep: str, direction: str) -> None:
         _write(path, rows)
 
 
+def pick_winner(rows: list[dict], direction: str = "maximize") -> dict | None:
+    """The successful trial with the best objective (the first of equals), or None if none succeeded."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    sign = 1.0 if direction == "maximize" else -1.0
+    return max(ok, key=lambda r: sign * r["objective"])
+
+
+def record_test(path: Path, run_dir: str, test: dict) -> None:
+    """Put the winner's test scores on its row (`test`) and take them off any other row (a rerun that
+    extended the sweep may have crowned another trial)."""
+    path = Path(path)
+    with _locked(path):
+        rows = load_results(path)
+        for r in rows:
+            r.pop("test", None)
+            if r["run_dir"] == run_dir:
+                r["test"] = test
+        _write(path, rows)
+
+
 def _delete_weights(model_dir: Path) -> bool:
     """Remove the weight files (config, tokenizer, provenance of what was merged stay, renamed so the
     merge is not mistaken for a finished one). Returns False: the weights are no longer kept."""
@@ -108,16 +133,19 @@ def flatten(rows: list[dict]) -> list[dict]:
             flat[task] = s["pass@1"]
             flat[f"{task}_stderr"] = s["stderr"]
         flat.update(objective=r["objective"], weights_kept=r.get("weights_kept"), error=r.get("error"))
+        test = r.get("test") or {}
+        if test.get("scores"):
+            flat["test_objective"] = test.get("objective")
+            flat.update({f"test_{task}": s["pass@1"] for task, s in test["scores"].items()})
         out.append(flat)
     return out
 
 
 def copy_best(path: Path, dest: Path, direction: str = "maximize") -> Path:
     """Copy the best trial's merged folder to `dest` (it must still hold its weights)."""
-    rows = [r for r in load_results(path) if r["status"] == "ok"]
-    if not rows:
+    best = pick_winner(load_results(path), direction)
+    if best is None:
         raise ValueError(f"{path} has no successful trial")
-    best = max(rows, key=lambda r: r["objective"] if direction == "maximize" else -r["objective"])
     if not best.get("weights_kept"):
         raise FileNotFoundError(f"the best trial's weights were deleted: {best['model_dir']}")
     shutil.copytree(best["model_dir"], dest)

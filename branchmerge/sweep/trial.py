@@ -85,15 +85,6 @@ def run_trial(cfg: DictConfig) -> float | list[float] | dict:
 
 def score_model(model_dir: Path, cfg: Any, eval_dir: Path) -> dict[str, dict[str, float]]:
     """pass@1 and stderr per task of `cfg.eval` on the merged folder; reuses a result of the same weights."""
-    from branchmerge.eval.harness import evaluate, model_hash
-
-    done = eval_dir / "results.json"
-    if done.exists():
-        old = json.loads(done.read_text())
-        same_suite = old.get("config", {}).get("eval") == OmegaConf.to_container(cfg.eval)
-        if same_suite and old["model"]["hash"] == model_hash(model_dir):
-            log.info("%s already scored these weights; reusing", done)
-            return _task_scores(old)
     s = cfg.score
     eval_cfg = {
         "task_name": "eval",
@@ -105,10 +96,25 @@ def score_model(model_dir: Path, cfg: Any, eval_dir: Path) -> dict[str, dict[str
         "data_dir": f"{cfg.paths.data_dir}/eval",
         "toy_dir": cfg.paths.toy_dir,
     }
-    return _task_scores(evaluate(OmegaConf.create(eval_cfg)))
+    return task_scores(evaluate_once(eval_cfg))
 
 
-def _task_scores(results: dict) -> dict[str, dict[str, float]]:
+def evaluate_once(eval_cfg: dict) -> dict:
+    """evaluate.py's results for `eval_cfg` (an EvalConfig as a dict), or the results.json already in
+    its run dir when that scored the same suite on the same weights (model folder hash)."""
+    from branchmerge.eval.harness import evaluate, model_hash
+
+    done = Path(eval_cfg["paths"]["run_dir"]) / "results.json"
+    if done.exists():
+        old = json.loads(done.read_text())
+        same_suite = old.get("config", {}).get("eval") == eval_cfg["eval"]
+        if same_suite and old["model"]["hash"] == model_hash(Path(eval_cfg["model_path"])):
+            log.info("%s already scored these weights; reusing", done)
+            return old
+    return evaluate(OmegaConf.create(eval_cfg))
+
+
+def task_scores(results: dict) -> dict[str, dict[str, float]]:
     return {k: {"pass@1": v["pass@1"], "stderr": v["stderr"]} for k, v in results["tasks"].items()}
 
 

@@ -3,7 +3,8 @@ the middle of a trial: on a real PostgreSQL server (started here on loopback, th
 journal file (two workers, three objectives). Every requested trial completes exactly once, the
 killed one is retried by a survivor, and a later command resumes the study.
 
-Toy merges of seeded fake branches (test_sweeps.fake_branches), scored on eval=toy_tiny.
+Toy merges of seeded fake branches (test_sweeps.fake_branches), selected on eval=toy_val_tiny; the
+workers that end together take turns scoring the winner on toy_tiny.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def worker(outputs: Path, toy_world: Path, storage: str, n_trials: int, *extra: 
         "hydra.sweeper.poll_interval=1",
         f"paths.output_dir={outputs}",
         f"paths.toy_dir={toy_world}",
-        "eval=toy_tiny",
+        "eval=toy_val_tiny",
+        "score.test_eval=toy_tiny",
         "options.progress=false",
         "score.wandb.enabled=false",
         *extra,

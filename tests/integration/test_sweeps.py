@@ -2,8 +2,9 @@
 a Hydra grid, an Optuna study that continues after a stop, keep-only-the-best, a failing trial that
 does not stop the sweep, every W&B sweep file's command run once, and the sweep plots.
 
-The "branches" are the shipped toy base plus seeded Gaussian deltas (no training: seconds), and the
-scoring suite is `eval=toy_tiny` (8 items per domain), so each trial costs a few seconds.
+The "branches" are the shipped toy base plus seeded Gaussian deltas (no training: seconds), trials
+select on `eval=toy_val_tiny` (8 val items per domain) and a Hydra sweep's winner is scored on
+`toy_tiny` (8 test items per domain), so each trial costs a few seconds.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def merge_cmd(outputs: Path, toy_world: Path, *args: str, timeout: int = 600) ->
         *args,
         f"paths.output_dir={outputs}",
         f"paths.toy_dir={toy_world}",
-        "eval=toy_tiny",
+        "eval=toy_val_tiny",
+        "++score.test_eval=toy_tiny",
         "options.progress=false",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -86,6 +88,9 @@ def test_grid_sweep_keeps_only_the_best_weights(fake_branches, toy_world):
         assert len(runs) == 1, f"one offline W&B run per trial, got {runs}"
     kept = [r for r in rows if r["weights_kept"]]
     assert len(kept) == 1 and kept[0]["objective"] == max(r["objective"] for r in rows)
+    winner = json.loads((sweep / "winner.json").read_text())  # the kept weights, scored on test
+    assert winner["trial"] == kept[0]["trial"] and winner["test"]["suite"] == "toy_tiny"
+    assert kept[0]["test"]["scores"] == winner["test"]["scores"]
     for r in rows:
         has_weights = any(Path(r["model_dir"]).glob("*.safetensors"))
         assert has_weights == r["weights_kept"]
@@ -149,7 +154,7 @@ def test_single_run_failure_raises(fake_branches, toy_world):
             "+experiment=toy_merge_arcee",
             "steps.0.base=no_such_model",
             f"paths.output_dir={fake_branches}",
-            "eval=toy_tiny",
+            "eval=toy_val_tiny",
         ],
         cwd=ROOT,
         env=env,
@@ -186,7 +191,7 @@ def test_wandb_sweep_file_runs_once(sweep_file, fake_branches, toy_world):
             "${args_no_hyphens}": args,
         }.get(c, [c])
     cmd = [c for c in cmd if not c.startswith("eval=")]
-    cmd += [f"paths.output_dir={fake_branches}", f"paths.toy_dir={toy_world}", "eval=toy_tiny"]
+    cmd += [f"paths.output_dir={fake_branches}", f"paths.toy_dir={toy_world}", "eval=toy_val_tiny"]
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
