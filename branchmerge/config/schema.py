@@ -19,6 +19,8 @@ class PathsConfig:
     model_dir: str  # real models (local copies of hub checkpoints)
     run_dir: str  # this run's folder (Hydra's output dir)
     toy_base: str = ""  # the shipped toy base student (an HF folder)
+    toy_base_strong: str = ""  # the regime study's strong toy base (an HF folder)
+    toy_world: str = "toy_data"  # the distill experiment that builds toy_dir when it is missing
 
 
 @dataclass

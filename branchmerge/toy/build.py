@@ -97,18 +97,20 @@ def wants_toy_world(cfg: DictConfig) -> bool:
 
 
 def ensure_world(cfg: DictConfig) -> None:
-    """Build the toy world (`python distill.py +experiment=toy_data`, deterministic, seconds) at
-    paths.toy_dir when `cfg` needs it and it has not been built, so toy stages run in any order."""
+    """Build the toy world (`python distill.py +experiment=<paths.toy_world>`, default toy_data;
+    deterministic, about a minute) at paths.toy_dir when `cfg` needs it and it has not been built, so
+    toy stages run in any order."""
     if not wants_toy_world(cfg):
         return
     toy_dir = Path(cfg.paths.toy_dir)
     if (toy_dir / "manifest.json").exists():
         return
-    log.info("no toy world at %s: building it first (python distill.py +experiment=toy_data)", toy_dir)
+    world = cfg.paths.get("toy_world") or "toy_data"
+    log.info("no toy world at %s: building it first (python distill.py +experiment=%s)", toy_dir, world)
     cmd = [
         sys.executable,
         str(Path(cfg.paths.root_dir) / "distill.py"),
-        "+experiment=toy_data",
+        f"+experiment={world}",
         f"paths.toy_dir={toy_dir}",
         f"paths.output_dir={cfg.paths.output_dir}",
     ]
