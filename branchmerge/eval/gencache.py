@@ -86,7 +86,8 @@ def is_sampled(gen_kwargs: dict) -> bool:
 def cache_generations(lm: Any, store: GenerationStore, model: str) -> Any:
     """Serve lm.generate_until's greedy requests from `store`, run the rest and store them.
 
-    `lm.generation_cache` counts {"hits", "misses", "sampled"} over the lm's life.
+    `lm.generation_cache` counts {"hits", "misses", "sampled"} over the lm's life (a greedy prompt
+    repeated within one call runs once and counts as hits after the first).
     """
     inner = lm.generate_until
     lm.generation_cache = {"path": str(store.path), "hits": 0, "misses": 0, "sampled": 0}
@@ -95,15 +96,20 @@ def cache_generations(lm: Any, store: GenerationStore, model: str) -> Any:
     def generate_until(requests: list, disable_tqdm: bool = False) -> list[str]:
         keys = [None if is_sampled(r.args[1]) else request_key(model, *r.args[:2]) for r in requests]
         found = store.get([k for k in keys if k is not None])
-        todo = [i for i, k in enumerate(keys) if k is None or k not in found]
+        first: dict[str, int] = {}  # a greedy prompt repeated within the call runs once
+        todo = [
+            i for i, k in enumerate(keys) if k is None or (k not in found and first.setdefault(k, i) == i)
+        ]
         outs = inner([requests[i] for i in todo], disable_tqdm=disable_tqdm) if todo else []
-        by_index = dict(zip(todo, outs))
-        store.put([(keys[i], model, by_index[i]) for i in todo if keys[i] is not None])
-        sampled = sum(k is None for k in keys)
-        counts["sampled"] += sampled
-        counts["misses"] += len(todo) - sampled
+        ran = dict(zip(todo, outs))
+        new = {keys[i]: ran[i] for i in todo if keys[i] is not None}
+        store.put([(k, model, text) for k, text in new.items()])
+        counts["sampled"] += sum(k is None for k in keys)
+        counts["misses"] += len(new)
         counts["hits"] += len(requests) - len(todo)
-        return [by_index[i] if i in by_index else found[keys[i]] for i in range(len(requests))]
+        return [
+            ran[i] if keys[i] is None else new.get(keys[i], found.get(keys[i])) for i in range(len(requests))
+        ]
 
     lm.generate_until = generate_until
     return lm

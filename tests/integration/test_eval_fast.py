@@ -26,9 +26,13 @@ PER_DOMAIN = 4
 
 @pytest.fixture(scope="module")
 def lms():
-    """HFLM (batch 8) and SlotHFLM with 3 slots (rows leave and refill many times), float32 on CPU."""
+    """HFLM (batch 8) and SlotHFLM with 3 slots (rows leave and refill many times), float32 on CPU,
+    one torch thread (two spinning threads on a loaded 2-core machine run many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     args = {"pretrained": str(TOY_BASE), "device": "cpu", "dtype": "float32"}
-    return HFLM(**args, batch_size=8), SlotHFLM(**args, batch_size=3)
+    yield HFLM(**args, batch_size=8), SlotHFLM(**args, batch_size=3)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def test_sampled_requests_go_to_hf_generate(lms, toy_prompts):
     greedy (is_greedy ignoring do_sample) -> the argmax continuation instead of the sample."""
     hf, slots = lms
     gen = {"until": [], "do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_gen_toks": 64}
-    prompts = toy_prompts[:: PER_DOMAIN // 2]
+    prompts = toy_prompts[::PER_DOMAIN]  # 3 prompts: one batch in both (sampling moves with batching)
     torch.manual_seed(7)
     want = hf.generate_until(_requests(prompts, gen), disable_tqdm=True)
     torch.manual_seed(7)
@@ -99,14 +103,17 @@ def test_sampled_requests_go_to_hf_generate(lms, toy_prompts):
 
 
 class CountingLM:
-    """generate_until returns '<prompt>|<max_gen_toks>' and counts the prompts it was asked for."""
+    """generate_until returns '<prompt>|<max_gen_toks>|<call number>', one number per request."""
 
     def __init__(self):
         self.asked: list[str] = []
 
     def generate_until(self, requests, disable_tqdm=False):
-        self.asked += [r.args[0] for r in requests]
-        return [f"{r.args[0]}|{r.args[1].get('max_gen_toks')}|{len(self.asked)}" for r in requests]
+        outs = []
+        for r in requests:
+            self.asked.append(r.args[0])
+            outs.append(f"{r.args[0]}|{r.args[1].get('max_gen_toks')}|{len(self.asked)}")
+        return outs
 
 
 def test_generation_cache_hits_return_the_same_text_and_changes_miss(tmp_path):
@@ -120,12 +127,13 @@ def test_generation_cache_hits_return_the_same_text_and_changes_miss(tmp_path):
     out1 = first.generate_until(reqs)
     again = cache_generations(CountingLM(), GenerationStore(tmp_path / "cache"), "model-a")
     assert again.generate_until(reqs) == out1 and again.asked == []
+    assert out1[0] == out1[2] and first.asked == ["p1", "p2"]
     assert again.generation_cache | {"path": None} == {"path": None, "hits": 3, "misses": 0, "sampled": 0}
     shorter = again.generate_until(_requests(["p1"], {**GREEDY, "max_gen_toks": 64}))
     assert again.asked == ["p1"] and shorter[0].startswith("p1|64")
     other = cache_generations(CountingLM(), store, "model-b")
     other.generate_until(reqs)
-    assert other.asked == ["p1", "p2", "p1"]
+    assert other.asked == ["p1", "p2"]  # another model: runs (a repeated prompt once)
     sampled = {"until": [], "do_sample": True, "temperature": 0.6, "max_gen_toks": 320}
     s1 = again.generate_until(_requests(["p1", "p1"], sampled))
     s2 = again.generate_until(_requests(["p1", "p1"], sampled))
