@@ -60,8 +60,8 @@ def hf_greedy(lms, toy_prompts) -> list[str]:
 def test_slot_decoder_outputs_equal_hflm_greedy_on_every_toy_domain(lms, toy_prompts, hf_greedy):
     """String-equal greedy outputs, 4 items per domain, 3 slots so rows leave and refill mid-batch.
     Bug planted: a decode step at position len(prompt) + len(tokens) (one past the last token) ->
-    rotary positions shift and every output changes; also caught: compaction copying one column
-    too few, and the first generated token dropped after the prefill."""
+    rotary positions shift and every output changes; also caught: compaction leaving out a
+    stored column of the moved row, and the first generated token dropped after the prefill."""
     got = lms[1].generate_until(_requests(toy_prompts, GREEDY), disable_tqdm=True)
     assert got == hf_greedy
     assert len({len(w) for w in hf_greedy}) > 3  # rows of different lengths: rows really left early
