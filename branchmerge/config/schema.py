@@ -161,6 +161,10 @@ class EvalRunnerConfig:
     gpu_memory_utilization: float = 0.9  # vLLM
     seed: int = 1234
     threads: int | None = None  # torch intra-op threads (None = torch's default)
+    # hf backend: slots = greedy requests on the slot decoder (branchmerge/eval/slots.py), hf = HF
+    # generate for all; auto = slots on CPU. Sampled requests always go to HF generate.
+    decoder: Literal["auto", "slots", "hf"] = "auto"
+    generation_cache: str | None = None  # folder of the persistent greedy-generation cache; None = off
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # how generated code is run
 
 

@@ -133,6 +133,19 @@ def reopen_generations(lm: Any) -> Any:
     return lm
 
 
+def resolve_decoder(cfg: Any) -> str:
+    """Who decodes: `vllm` on that backend; on hf, `slots` (greedy requests on the slot decoder,
+    branchmerge/eval/slots.py) or `hf` (HF generate). `auto` picks slots on CPU, hf elsewhere."""
+    decoder = cfg.get("decoder", "auto")
+    if cfg.backend == "vllm":
+        if decoder == "slots":
+            raise ConfigError("decoder=slots runs on backend=hf only; use decoder=auto with backend=vllm")
+        return "vllm"
+    if decoder == "auto":
+        return "slots" if str(cfg.device).startswith("cpu") else "hf"
+    return decoder
+
+
 def build_lm(cfg: Any):
     from importlib.util import find_spec
 
@@ -142,13 +155,44 @@ def build_lm(cfg: Any):
         check_gpus(cfg, torch.cuda.device_count(), find_spec("ray") is not None)
     else:
         check_gpus(cfg, 0, False)
-    if cfg.backend == "hf":
+    decoder = resolve_decoder(cfg)
+    if decoder == "slots":
+        from branchmerge.eval.slots_lm import SlotHFLM
+
+        lm = SlotHFLM(**lm_args(cfg))
+        if lm.slot_problems and cfg.get("decoder") == "slots":
+            raise ConfigError(
+                f"decoder=slots cannot run {cfg.model_path}: {'; '.join(lm.slot_problems)}; use decoder=hf"
+            )
+        lm.decoder = "hf" if lm.slot_problems else "slots"
+    elif decoder == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        return reopen_generations(HFLM(**lm_args(cfg)))
-    from lm_eval.models.vllm_causallms import VLLM
+        lm = HFLM(**lm_args(cfg))
+        lm.decoder = "hf"
+    else:
+        from lm_eval.models.vllm_causallms import VLLM
 
-    return reopen_generations(VLLM(**lm_args(cfg)))
+        lm = VLLM(**lm_args(cfg))
+        lm.decoder = "vllm"
+    if cfg.get("generation_cache"):
+        lm = _cached(lm, cfg)
+    return reopen_generations(lm)
+
+
+def _cached(lm: Any, cfg: Any) -> Any:
+    """Greedy generations served from `generation_cache` when this model already made them."""
+    from branchmerge.eval.gencache import GenerationStore, cache_generations, model_key
+
+    settings = {
+        **{k: cfg.get(k) for k in ("backend", "device", "max_model_len", "tensor_parallel_size")},
+        "dtype": resolve_dtype(cfg),
+        "decoder": lm.decoder,
+        "max_length": getattr(lm, "max_length", None),
+        "versions": {**versions(), **_lm_eval_version()},
+    }
+    key = model_key(Path(cfg.model_path), model_hash(Path(cfg.model_path)), settings)
+    return cache_generations(lm, GenerationStore(cfg.generation_cache), key)
 
 
 def _dataset_file(task: str, cfg: Any) -> Path | None:
@@ -175,20 +219,21 @@ def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
     if spec.temperature > 0:
         gen.update(temperature=spec.temperature, top_p=spec.top_p)
     task.set_config("generation_kwargs", gen)
-    out = simple_evaluate(
-        model=lm,
-        tasks=[task],
-        apply_chat_template=True,
-        log_samples=True,
-        limit=spec.limit,
-        random_seed=cfg.seed,
-        numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed,
-        bootstrap_iters=0,
-        confirm_run_unsafe_code=True,
-        task_manager=tm,  # without it lm-eval indexes its ~13k bundled task YAMLs again (~7 s a task)
-    )
+    with _reference_runs(task, spec):
+        out = simple_evaluate(
+            model=lm,
+            tasks=[task],
+            apply_chat_template=True,
+            log_samples=True,
+            limit=spec.limit,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+            bootstrap_iters=0,
+            confirm_run_unsafe_code=True,
+            task_manager=tm,  # without it lm-eval indexes its ~13k bundled task YAMLs again (~7 s a task)
+        )
     rows = []
     for s in out["samples"][spec.name]:
         responses = [
@@ -213,6 +258,19 @@ def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
     return out, rows
 
 
+def _reference_runs(task: Any, spec: Any):
+    """Toy code: run the documents' reference programs beside generation (branchmerge/eval/prefetch.py)."""
+    import contextlib
+
+    if spec.name != "toy_code":
+        return contextlib.nullcontext()
+    from branchmerge.eval.prefetch import ReferenceRuns, reference_programs
+
+    docs = task.eval_docs
+    n = len(docs) if spec.limit is None else min(spec.limit, len(docs))
+    return ReferenceRuns(reference_programs([docs[i] for i in range(n)]))
+
+
 def evaluate(cfg: DictConfig) -> dict:
     cfg = validate(cfg, EvalConfig)
     code = any(t.name in CODE_TASKS for t in cfg.eval.tasks)
@@ -235,6 +293,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "backend": cfg.backend,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
+        "decoder": lm.decoder,
         "dtype": resolve_dtype(cfg),
         "dtype_setting": cfg.dtype,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -277,6 +336,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 spec.n,
                 summary["questions"],
             )
+    results["generation_cache"] = getattr(lm, "generation_cache", None)  # path, hits, misses
     results["seconds"] = round(time.time() - t0, 1)
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
