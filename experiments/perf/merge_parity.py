@@ -1,11 +1,11 @@
 """Did an engine change move any merged value, and its speed? Old revision vs this tree, side by side.
 
-    PYTHONPATH=$PWD python experiments/perf/merge_parity.py --old-rev 0f76feb [--repeats 3]
+    PYTHONPATH=$PWD python experiments/perf/merge_parity.py --old-rev 0f76feb [--repeats 3] [--sets toy,bf16]
 
 Runs every method (the toy merges: the shipped toy base and the three toy branches, fp32) and a
 synthetic bf16 set (tensors past 10⁶ entries, where the sampled paths run, and one past
 `chunk_elements`, where a tensor's blocks spread over the pool) through `engine.merge` twice, once
-with `git archive <old-rev>`'s package and once with this tree's, each in a fresh process, and prints
+with `git archive <old-rev>`'s package and once with this tree's, each in a fresh process (the seconds are the merge's own, imports excluded), and prints
 per case: entries that differ (bitwise, of all entries), the largest |difference|, and the seconds of
 each (the minimum of the repeats) with their ratio.
 """
@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,13 +28,16 @@ TOY = {
     **{d: ROOT.parent / "main/outputs/train" / f"toy_{d}_branch/export" for d in ("math", "code", "science")},
 }
 RUN = r"""
-import json, sys
+import json, sys, time
 from pathlib import Path
 from branchmerge.merge.engine import MergeOptions, merge
 from branchmerge.merge.recipe import parse_steps
 a = json.loads(sys.argv[1])
 models = {k: Path(v) for k, v in a["models"].items()}
-merge(models, parse_steps(a["steps"], set(models)), Path(a["out"]), MergeOptions(progress=False, hash_inputs=False))
+steps = parse_steps(a["steps"], set(models))
+t0 = time.perf_counter()
+merge(models, steps, Path(a["out"]), MergeOptions(progress=False, hash_inputs=False))
+print(time.perf_counter() - t0)
 """
 THREE = ["math", "code", "science"]
 CASES = {
@@ -81,12 +83,17 @@ def synthetic(root: Path) -> dict[str, Path]:
 
 
 def run(tree: Path, models: dict, steps: list, out: Path) -> float:
-    t0 = time.perf_counter()
+    """Seconds of the merge itself (in a fresh process, imports excluded)."""
     args = {"models": {k: str(v) for k, v in models.items()}, "steps": steps, "out": str(out)}
-    subprocess.run(
-        [sys.executable, "-c", RUN, json.dumps(args)], check=True, cwd=tree, env={"PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, json.dumps(args)],
+        check=True,
+        cwd=tree,
+        env={"PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
     )
-    return time.perf_counter() - t0
+    return float(proc.stdout.split()[-1])
 
 
 def compare(a: Path, b: Path) -> tuple[float, float]:
@@ -108,6 +115,7 @@ def main() -> None:
     ap.add_argument("--old-rev", required=True)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--sets", default="toy,bf16")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -117,7 +125,10 @@ def main() -> None:
             ["git", "archive", args.old_rev, "branchmerge"], cwd=ROOT, check=True, capture_output=True
         )
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
-        sets = {"toy": TOY, "bf16": synthetic(tmp / "synthetic")}
+        wanted = args.sets.split(",")
+        sets = {"toy": TOY} if "toy" in wanted else {}
+        if "bf16" in wanted:
+            sets["bf16"] = synthetic(tmp / "synthetic")
         print(f"{'case':28s} {'differ':>10s} {'max|d|':>9s} {'old s':>7s} {'new s':>7s} {'new/old':>7s}")
         for set_name, models in sets.items():
             for case in args.cases.split(","):
