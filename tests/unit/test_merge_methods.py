@@ -69,6 +69,19 @@ def test_fisher_by_hand():
     )  # last: no mass -> plain mean
 
 
+def test_model_stock_by_hand():
+    # Δ1 = [[1,1,0],[2,0,0]], Δ2 = [[1,0,1],[0,2,0]]: whole tensors ⟨Δ1,Δ2⟩ = 1, ‖Δ1‖‖Δ2‖ = 6, cos = 1/6,
+    # t = 2·(1/6) / (1 + 1/6) = 2/7; per row: cos = 1/2 (t = 2/3) and cos = 0 (t = 0)
+    t1 = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
+    t2 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    mean = (t1 + t2) / 2
+    zero = torch.zeros(2, 3)
+    assert torch.allclose(call("model_stock", [t1, t2], zero), 2 / 7 * mean)
+    per_row = torch.tensor([[2 / 3], [0.0]]) * mean
+    assert torch.allclose(call("model_stock", [t1, t2], zero, filter_wise=True), per_row)
+    assert torch.allclose(call("model_stock", [t1 + ONES, t2 + ONES], ONES), ONES + 2 / 7 * mean)
+
+
 def paper_arcee(base: torch.Tensor, other: torch.Tensor, seed_draws=None, k: float = 1.5) -> torch.Tensor:
     """docs/method.md's Arcee Fusion written out directly (the reference the engine's version must match)."""
     delta = other - base

@@ -80,6 +80,7 @@ from branchmerge.merge.methods import (  # noqa: E402,F401  (each module registe
     fisher,
     importance_fusion,
     linear,
+    model_stock,
     slerp,
     sparse,
     task_arithmetic,
