@@ -260,6 +260,8 @@ class Merger:
         inflight: deque = deque()  # (name, a function that waits and returns the outputs)
         pending: Future | None = None  # the write in progress: at most one output waits for the disk
         pool = make_pool(self.workers)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # this thread's stats too: no op waits at an OpenMP barrier
 
         def hand_over() -> None:
             nonlocal pending
@@ -286,6 +288,7 @@ class Merger:
                 pending.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
 
     def _write(self, writers: dict[str, ShardWriter], name: str, outs: dict, bar) -> None:
         """Append the outputs (in the writer thread: overlaps the next merges)."""
