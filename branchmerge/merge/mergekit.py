@@ -27,7 +27,7 @@ SHARED = {
     "model_stock",
 }
 RENAME = {"lambda": "lambda_"}
-IGNORED = {"int8_mask"}  # we always compute in fp32; a flag for mergekit's memory layout only
+IGNORED = {"int8_mask"}  # a flag for mergekit's memory layout only
 
 
 def _value(v: Any) -> Any:
