@@ -120,12 +120,14 @@ class MergeOptionsConfig:
     """How the merge engine runs (also its `MergeOptions`)."""
 
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None = each tensor's input dtype
+    # the dtype every method computes in (mergekit's `dtype`); inputs are cast block by block
     compute_dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     device: str = "cpu"
     copy_files_from: str | None = None  # a model name; default: the final step's base or first input
     max_shard_bytes: int = 5_000_000_000
     check_finite: bool = True
-    chunk_elements: int = 1 << 22  # row-separable chains run in blocks of this many elements (16 MB fp32)
+    # tensors of up to this many entries merge whole, one per thread; larger ones block-parallel
+    chunk_elements: int = 1 << 22
     hash_inputs: bool = True
     progress: bool = True
 

@@ -1,17 +1,13 @@
-"""The streaming merge executor: validate everything, then one pass over tensor names.
+"""The streaming merge engine: validate everything, then one pass over tensor names.
 
 For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
-tensor only: inputs are memory-mapped (one tensor at a time), checked finite, merged, and the
-result's bytes are appended to the output shard. Reading the next tensor, merging (and casting and
-checking) this one and writing the previous one overlap (threads with one intra-op thread each); tensors of up
-to 16 M entries merge two at a time (one per core), larger ones one at a time across the cores.
-Methods that declare `casts_inputs` (linear, TIES/DARE, Arcee Fusion) get the stored-dtype (bf16)
-tensors and cast cache-sized blocks themselves on a block-parallel pool (`methods.blocks`); the others
-get whole tensors in the compute dtype. Finiteness: max(bits & exponent mask) < mask over the inputs,
-or, when every step declares `nonfinite_propagates` (a NaN/Inf input entry always gives a NaN/Inf
-output entry), over the output only, re-reading the inputs to name the one at fault.
-Chains of row-separable methods (linear, task arithmetic, Fisher) run in blocks of rows, so even
-the embedding never has to be held whole. Intermediate steps live only in memory unless `save`.
+tensor only, each by the block executor (`branchmerge.merge.executor`: a method's stats, then its
+apply over cache-sized blocks of rows, inputs memory-mapped and cast block by block, outputs checked
+finite and rounded to the output dtype block by block). The executor's one thread pool runs
+everything: tensors of up to `chunk_elements` entries are evaluated whole, one per task, several at a
+time (their serial parts, such as quantile selections, overlap); larger ones one at a time, their
+stats here and their blocks spread over the pool. Writes are pool tasks too, in file order, so
+computing tensor k overlaps writing tensor k−1. Intermediate steps live only in memory unless `save`.
 The output folder is built beside the target and renamed at the end (`foundation.atomic_dir`).
 """
 
@@ -23,7 +19,7 @@ import math
 import shutil
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +28,12 @@ from tqdm import tqdm
 
 from branchmerge.config.schema import MergeOptionsConfig
 from branchmerge.foundation import atomic_dir
+from branchmerge.merge.executor import Context, make_pool, run_method
 from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWriter
-from branchmerge.merge.methods import blocks
 from branchmerge.merge.provenance import provenance
-from branchmerge.merge.recipe import Step, step_params
+from branchmerge.merge.recipe import Step, layer_fraction, step_params
 
 log = logging.getLogger(__name__)
-SMALL_ITEM = 1 << 24  # entries: items up to this size merge whole, several at a time (one per thread)
 SKIP_COPY = {".safetensors", ".bin", ".pt", ".pth"}
 SKIP_NAMES = {
     "model.safetensors.index.json",
@@ -150,27 +145,6 @@ def _reuse_freed_memory() -> None:
         pass
 
 
-# exponent bits of IEEE formats: a value is NaN or Inf iff they are all set
-_EXPONENT = {
-    torch.bfloat16: (torch.int16, 0x7F80),
-    torch.float16: (torch.int16, 0x7C00),
-    torch.float32: (torch.int32, 0x7F800000),
-}
-
-
-def all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
-    """No NaN/Inf in t: max(bits & exponent_mask) < exponent_mask over cache-sized blocks (one integer
-    pass at memory speed; 20x cheaper than a float64 sum of bf16 on CPU). This is also the read: it
-    touches every page of the memory-mapped tensor in the reader thread."""
-    if t.dtype not in _EXPONENT or t.numel() == 0:
-        return bool(torch.isfinite(t).all())
-    view, mask = _EXPONENT[t.dtype]
-    bits = t.reshape(-1).view(view)
-    return all(
-        int(torch.bitwise_and(bits[i : i + block], mask).max()) < mask for i in range(0, bits.numel(), block)
-    )
-
-
 class Merger:
     def __init__(self, models: dict[str, Path], steps: list[Step], options: MergeOptions) -> None:
         _reuse_freed_memory()
@@ -197,78 +171,46 @@ class Merger:
                         )
                     self.importance[i.ref] = _Importance(_importance_file(self.ckpts[i.ref].path), self.names)
         self.by_name = {s.name: s for s in steps}
-        # when every step turns a NaN/Inf input into a NaN/Inf output, checking the (smaller, cached)
-        # output replaces a pass over every input; a non-finite output then names the input at fault
-        self.check_outputs = options.check_finite and all(s.method.nonfinite_propagates for s in steps)
-
-    # ---- reading ---------------------------------------------------------------------------------
-    def _read(self, model: str, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        ck = self.ckpts[model]
-        t = ck.tensor(name) if rows is None else ck.rows(name, *rows)
-        if self.opt.check_finite and not self.check_outputs and t.is_floating_point() and not all_finite(t):
-            raise CheckpointError(f"{ck.info[name].file}: tensor '{name}' contains NaN or Inf")
-        return t
-
-    def _check_inputs(self, name: str, rows: tuple[int, int] | None) -> None:
-        """After a non-finite output: find the input that has the NaN/Inf (raises), else it overflowed."""
-        for ck in self.ckpts.values():
-            t = ck.tensor(name) if rows is None else ck.rows(name, *rows)
-            if t.is_floating_point() and not all_finite(t):
-                raise CheckpointError(f"{ck.info[name].file}: tensor '{name}' contains NaN or Inf")
-
-    def _fetch(self, name: str, rows: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-        return {m: self._read(m, name, rows) for m in self.ckpts}
+        self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
 
     # ---- computing -------------------------------------------------------------------------------
-    def _eval(
-        self,
-        step: Step,
-        name: str,
-        raw: dict[str, torch.Tensor],
-        memo: dict[str, torch.Tensor],
-        rows: tuple[int, int] | None,
-    ) -> torch.Tensor:
-        if step.name in memo:
-            return memo[step.name]
-
-        casts = step.method.casts_inputs  # takes stored dtypes and casts block by block itself
-
-        def value(ref: str) -> torch.Tensor:
-            if ref in self.by_name:
-                return self._eval(self.by_name[ref], name, raw, memo, rows)
-            stored = memo.setdefault(f"stored:{ref}", raw[ref].to(self.device))
-            if casts:
-                return stored
-            key = f"input:{ref}"
-            if key not in memo:  # convert once
-                memo[key] = stored.to(self.compute)
-            return memo[key]
-
-        tensors = [value(i.ref) for i in step.inputs]
-        base = value(step.base) if step.base else None
-        params = step_params(step, name, self.n_layers)
-        if casts:
-            params["dtype"] = self.compute
-            if step is self.steps[-1]:  # rounded to the output dtype block by block, while in cache
-                params["out_dtype"] = self.out_dtype[name]
-        if step.method.needs_importance:
-            imp = [self.importance[i.ref].tensor(name) for i in step.inputs]
-            if rows is not None:
-                imp = [t[rows[0] : rows[1]] for t in imp]
-            params["importance"] = [t.to(self.device, self.compute) for t in imp]
-        out = step.method(tensors, base, **params)
-        memo[step.name] = out
-        return out
-
-    def _blocks(self, name: str) -> list[tuple[int, int] | None]:
-        info = next(iter(self.ckpts.values())).info[name]
-        chain_separable = all(s.method.row_separable for s in self.steps)
-        n = math.prod(info.shape)
-        if not chain_separable or len(info.shape) < 2 or n <= self.opt.chunk_elements:
-            return [None]
-        per_row = n // info.shape[0]
-        step = max(1, self.opt.chunk_elements // per_row)
-        return [(i, min(i + step, info.shape[0])) for i in range(0, info.shape[0], step)]
+    def _evaluate(self, name: str, pool) -> tuple[dict[str, torch.Tensor], list[Future]]:
+        """Every step for one tensor: the outputs to write (final and saved steps) and the futures of
+        the final step's blocks still running on `pool` (none when `pool` is None: all done here)."""
+        values = {m: ck.tensor(name).to(self.device) for m, ck in self.ckpts.items()}
+        labels = {m: str(ck.info[name].file) for m, ck in self.ckpts.items()}
+        layer = layer_fraction(name, self.n_layers)
+        running: list[Future] = []
+        for step in self.steps:
+            last = step is self.steps[-1]
+            refs = [i.ref for i in step.inputs] + ([step.base] if step.base else [])
+            sources = [(labels.get(r, f"step '{r}'"), values[r]) for r in refs]
+            importance = None
+            if step.method.needs_importance:
+                files = [self.importance[i.ref] for i in step.inputs]
+                importance = [f.tensor(name).to(self.device) for f in files]
+                sources += [(str(f.path), t) for f, t in zip(files, importance)]
+            ctx = Context(
+                view=step.method.view,
+                models=[values[i.ref] for i in step.inputs],
+                base=values[step.base] if step.base else None,
+                params=step_params(step, name, self.n_layers),
+                dtype=self.compute,
+                name=name,
+                layer=layer,
+                importance=importance,
+                pool=pool,
+            )
+            shape = next(iter(self.ckpts.values())).info[name].shape
+            out = torch.empty(shape, dtype=self.out_dtype[name] if last else self.compute, device=self.device)
+            futures = run_method(step.method, ctx, out, sources, check=self.opt.check_finite)
+            if last:
+                running = futures
+            else:
+                for f in futures:
+                    f.result()
+            values[step.name] = out
+        return {s: values[s] for s in self.outputs}, running
 
     # ---- the pass --------------------------------------------------------------------------------
     def run(self, output_dir: Path, recipe: dict) -> dict:
@@ -280,6 +222,7 @@ class Merger:
         }
         plan = [(n, first.info[n].shape, out_dtype[n]) for n in self.names]
         saved = [s for s in self.steps[:-1] if s.save]
+        self.outputs = [self.steps[-1].name] + [s.name for s in saved]
         total_bytes = sum(math.prod(s) * d.itemsize for _, s, d in plan)
         with atomic_dir(output_dir) as tmp:
             writers = {self.steps[-1].name: ShardWriter(tmp, plan, self.opt.max_shard_bytes)}
@@ -288,8 +231,7 @@ class Merger:
             bar = tqdm(
                 total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not self.opt.progress
             )
-            work = [(n, rows) for n in self.names for rows in self._blocks(n)]
-            self._stream(work, writers, bar)
+            self._stream(writers, bar)
             bar.close()
             for w in writers.values():
                 w.close()
@@ -309,62 +251,48 @@ class Merger:
         )
         return record
 
-    def _stream(self, work: list, writers: dict[str, ShardWriter], bar) -> None:
-        """Read, merge and write every work item (a tensor, or a block of its rows), overlapped:
-        the reader maps item k+1 while item k merges and the writer writes item k−1.
-        Items of up to SMALL_ITEM entries merge whole on `lanes` threads, one item per thread (their
-        serial parts, such as quantile selections, overlap another item's work); larger items merge
-        one at a time with their blocks spread over the threads. Outputs are written in order."""
-        lanes = blocks.workers() if self.device.type == "cpu" else 1
-        one = dict(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))  # no OpenMP spinning
-        lane_pool = ThreadPoolExecutor(
-            lanes, thread_name_prefix="merge-block-lane", initializer=torch.set_num_threads, initargs=(1,)
-        )
-        with ThreadPoolExecutor(**one) as reader, ThreadPoolExecutor(**one) as writer, lane_pool:
-            inflight: deque = deque()  # (name, future of the outputs), in work order
-            pending = None  # the write in progress: at most one output waits for the disk
+    def _stream(self, writers: dict[str, ShardWriter], bar) -> None:
+        """Evaluate and write every tensor, in file order, on one pool. Tensors of up to
+        `chunk_elements` entries are one task each, at most `workers` in flight; a larger one starts
+        when nothing else is in flight (so at most two large outputs are held: one computing, one being
+        written). Only this thread waits on the pool, so no task ever waits on another."""
+        first = next(iter(self.ckpts.values()))
+        inflight: deque = deque()  # (name, a function that waits and returns the outputs)
+        pending: Future | None = None  # the write in progress: at most one output waits for the disk
+        pool = make_pool(self.workers)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # this thread's stats too: no op waits at an OpenMP barrier
 
-            def hand_over() -> None:
-                nonlocal pending
-                name, outs = inflight.popleft()
-                outs = outs.result()
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(self._write, writers, name, outs, bar)
+        def hand_over() -> None:
+            nonlocal pending
+            name, wait = inflight.popleft()
+            outs = wait()
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(self._write, writers, name, outs, bar)
 
-            nxt = reader.submit(self._fetch, *work[0])
-            for k, (name, rows) in enumerate(work):
-                raw = nxt.result()
-                if k + 1 < len(work):
-                    nxt = reader.submit(self._fetch, *work[k + 1])
-                small = lanes > 1 and sum(t.numel() for t in raw.values()) <= SMALL_ITEM * len(raw)
-                while inflight and (len(inflight) >= lanes or not small):
+        try:
+            for name in self.names:
+                small = self.workers > 1 and math.prod(first.info[name].shape) <= self.opt.chunk_elements
+                while inflight and (len(inflight) >= self.workers or not small):
                     hand_over()
                 if small:
-                    inflight.append((name, lane_pool.submit(self._merge_item, name, rows, raw, writers)))
+                    job = pool.submit(self._evaluate, name, None)
+                    inflight.append((name, lambda job=job: job.result()[0]))
                 else:
-                    done: Future = Future()
-                    done.set_result(self._merge_item(name, rows, raw, writers))
-                    inflight.append((name, done))
-                del raw
+                    outs, running = self._evaluate(name, pool)
+                    inflight.append((name, lambda o=outs, r=running: _when_done(o, r)))
             while inflight:
                 hand_over()
             if pending is not None:
                 pending.result()
-
-    def _merge_item(self, name: str, rows, raw: dict[str, torch.Tensor], writers) -> dict[str, torch.Tensor]:
-        """The outputs to write for one item, in the output dtype and checked (on the merging thread,
-        so the writer thread only writes)."""
-        memo: dict[str, torch.Tensor] = {}
-        self._eval(self.steps[-1], name, raw, memo, rows)
-        outs = {s: memo[s].to(self.out_dtype[name]).cpu() for s in writers}
-        for out in outs.values():
-            if self.check_outputs and out.is_floating_point() and not all_finite(out):
-                self._check_inputs(name, rows)
-        return outs
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
 
     def _write(self, writers: dict[str, ShardWriter], name: str, outs: dict, bar) -> None:
         """Append the outputs (in the writer thread: overlaps the next merges)."""
+        outs = {s: t.to(self.out_dtype[name]).cpu() for s, t in outs.items()}  # saved steps: compute dtype
         for step_name, w in writers.items():
             w.write(name, outs[step_name])
         bar.update(sum(o.numel() * o.element_size() for o in outs.values()))
@@ -389,6 +317,12 @@ class Merger:
         for f in src.path.iterdir():
             if f.is_file() and f.suffix not in SKIP_COPY and f.name not in SKIP_NAMES:
                 shutil.copy2(f, dst / f.name)
+
+
+def _when_done(outs: dict[str, torch.Tensor], running: list[Future]) -> dict[str, torch.Tensor]:
+    for f in running:
+        f.result()
+    return outs
 
 
 def merge(

@@ -2,7 +2,7 @@
 
 Converts mergekit's format (merge_method, base_model, models[].parameters, parameters, dtype,
 tokenizer_source) into our recipe. Shared methods: linear, task_arithmetic, ties, dare_linear,
-dare_ties, slerp, arcee_fusion. Gradients (lists) and `filter` lists map to our depth lists and
+dare_ties, slerp, arcee_fusion, model_stock. Gradients (lists) and `filter` lists map to our depth lists and
 module-name patterns. Anything else is a clear error rather than a silently different merge.
 """
 
@@ -16,9 +16,18 @@ import yaml
 from branchmerge.errors import MissingFileError
 from branchmerge.merge.recipe import RecipeError
 
-SHARED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "arcee_fusion"}
+SHARED = {
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "slerp",
+    "arcee_fusion",
+    "model_stock",
+}
 RENAME = {"lambda": "lambda_"}
-IGNORED = {"int8_mask"}  # we always compute in fp32; a flag for mergekit's memory layout only
+IGNORED = {"int8_mask"}  # a flag for mergekit's memory layout only
 
 
 def _value(v: Any) -> Any:

@@ -158,8 +158,6 @@ def step_params(step: Step, tensor_name: str, n_layers: int | None) -> dict[str,
     for p, default in m.model_params.items():
         shared = step.params.get(p, default)
         out[p] = [resolve_value(i.params.get(p, shared), tensor_name, n_layers) for i in step.inputs]
-    if m.takes_name:
-        out["tensor_name"] = tensor_name
     return out
 
 

@@ -70,6 +70,7 @@ ALL_METHODS = [
     {"method": "slerp", "inputs": ["math", "code"], "params": {"t": [0.2, 0.8]}},
     {"method": "arcee_fusion", "base": "science", "inputs": ["math"]},
     {"method": "importance_fusion", "base": "base", "inputs": ["math", "code", "science"]},
+    {"method": "model_stock", "base": "base", "inputs": ["math", "code", "science"]},
 ]
 
 

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from branchmerge.merge.executor import row_spans, tensor_seed
 from branchmerge.merge.methods import METHODS, get_method
-from branchmerge.merge.methods.arcee_fusion import SAMPLE
+from branchmerge.merge.methods.select import SAMPLE, Subsample, kth_largest_of, quantiles
 
 A = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 B = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
@@ -68,6 +69,19 @@ def test_fisher_by_hand():
     )  # last: no mass -> plain mean
 
 
+def test_model_stock_by_hand():
+    # Δ1 = [[1,1,0],[2,0,0]], Δ2 = [[1,0,1],[0,2,0]]: whole tensors ⟨Δ1,Δ2⟩ = 1, ‖Δ1‖‖Δ2‖ = 6, cos = 1/6,
+    # t = 2·(1/6) / (1 + 1/6) = 2/7; per row: cos = 1/2 (t = 2/3) and cos = 0 (t = 0)
+    t1 = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
+    t2 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    mean = (t1 + t2) / 2
+    zero = torch.zeros(2, 3)
+    assert torch.allclose(call("model_stock", [t1, t2], zero), 2 / 7 * mean)
+    per_row = torch.tensor([[2 / 3], [0.0]]) * mean
+    assert torch.allclose(call("model_stock", [t1, t2], zero, filter_wise=True), per_row)
+    assert torch.allclose(call("model_stock", [t1 + ONES, t2 + ONES], ONES), ONES + 2 / 7 * mean)
+
+
 def paper_arcee(base: torch.Tensor, other: torch.Tensor, seed_draws=None, k: float = 1.5) -> torch.Tensor:
     """docs/method.md's Arcee Fusion written out directly (the reference the engine's version must match)."""
     delta = other - base
@@ -100,10 +114,7 @@ def test_arcee_fusion_matches_the_paper_equations(shape):
     ours = call("arcee_fusion", [other], base, seed=0, tensor_name="w")
     draws = None
     if base.numel() > SAMPLE:
-        from branchmerge.merge.methods.arcee_fusion import Subsample
-        from branchmerge.merge.methods.sparse import tensor_seed
-
-        sub = Subsample(*shape, tensor_seed(0, "w", 0), torch.float32, "cpu")
+        sub = Subsample(row_spans(*shape), shape[1], tensor_seed(0, "w", 0), torch.float32, "cpu")
         draws = [sub.indices(w) for w in (0, 1)]
     ref = paper_arcee(base, other, draws)
     assert torch.allclose(ours, ref, atol=1e-6)
@@ -118,15 +129,12 @@ def test_arcee_fusion_matches_the_paper_equations(shape):
 def test_arcee_fusion_k_is_used_above_a_million_entries(k):
     """Guards against a threshold that ignores `k` on the subsampled path (planted: k hard-coded to 1.5
     when S has more than 10^6 entries): a 1.2M-entry tensor must match the reference at k."""
-    from branchmerge.merge.methods.arcee_fusion import Subsample
-    from branchmerge.merge.methods.sparse import tensor_seed
-
     shape = (1500, 800)
     g = torch.Generator().manual_seed(1)
     base = torch.randn(shape, generator=g)
     other = base + 0.05 * torch.randn(shape, generator=g)
     ours = call("arcee_fusion", [other], base, seed=0, tensor_name="w", k=k)
-    sub = Subsample(*shape, tensor_seed(0, "w", 0), torch.float32, "cpu")
+    sub = Subsample(row_spans(*shape), shape[1], tensor_seed(0, "w", 0), torch.float32, "cpu")
     ref = paper_arcee(base, other, [sub.indices(w) for w in (0, 1)], k=k)
     assert torch.allclose(ours, ref, atol=1e-6)
     default = paper_arcee(base, other, [sub.indices(w) for w in (0, 1)])
@@ -136,10 +144,8 @@ def test_arcee_fusion_k_is_used_above_a_million_entries(k):
 def test_arcee_subsamples_are_uniform_draws_with_replacement():
     """Drawn block by block (multinomial counts, uniform positions), each subsample must still look
     like 10⁶ independent uniform draws over all entries: decile counts and duplicate rate."""
-    from branchmerge.merge.methods.arcee_fusion import Subsample
-
     rows, cols = 4864, 896  # a Qwen2.5-0.5B MLP matrix: 17 blocks of rows
-    sub = Subsample(rows, cols, seed=3, dtype=torch.float32, device="cpu")
+    sub = Subsample(row_spans(rows, cols), cols, seed=3, dtype=torch.float32, device="cpu")
     n = rows * cols
     a, b = sub.indices(0), sub.indices(1)
     assert a.numel() == b.numel() == SAMPLE and int(a.min()) >= 0 and int(a.max()) < n
@@ -151,7 +157,7 @@ def test_arcee_subsamples_are_uniform_draws_with_replacement():
         expected = n * (1 - (1 - 1 / n) ** SAMPLE)
         assert abs(distinct - expected) < 5 * math.sqrt(expected * 0.1)
     assert not torch.equal(a, b)  # two independent draws
-    again = Subsample(rows, cols, seed=3, dtype=torch.float32, device="cpu")
+    again = Subsample(row_spans(rows, cols), cols, seed=3, dtype=torch.float32, device="cpu")
     assert torch.equal(again.indices(0), a)  # seeded
 
 
@@ -170,9 +176,7 @@ def test_merging_identical_models_returns_the_model(name):
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
     n = max(m.min_models, 2) if m.max_models is None or m.max_models >= 2 else 1
     params = {p: [v] * n for p, v in m.model_params.items()}
-    params.update(m.global_params)
-    if m.takes_name:
-        params["tensor_name"] = "w"
+    params.update(m.global_params, tensor_name="w")
     if m.needs_importance:
         params["importance"] = [torch.rand(4, 5) for _ in range(n)]
     if name in ("ties", "dare_ties", "dare_linear"):
@@ -242,52 +246,59 @@ def test_unknown_method_is_a_clear_error():
 
 
 def test_kth_largest_is_exact_on_large_tensors():
-    from branchmerge.merge.methods.sparse import kth_largest
-
     g = torch.Generator().manual_seed(9)
     x = torch.randn(5_000_000, generator=g).abs()
     for k in (1, 1000, 2_500_000, 4_999_999):
-        assert kth_largest(x, k, seed=1) == torch.kthvalue(x, x.numel() - k + 1).values
+        assert kth_largest_of(x, k, seed=1) == torch.kthvalue(x, x.numel() - k + 1).values
     ties = torch.cat([torch.zeros(3_000_000), torch.ones(2_000_000)])
-    assert kth_largest(ties, 2_500_000) == 0.0 and kth_largest(ties, 2_000_000) == 1.0
+    assert kth_largest_of(ties, 2_500_000) == 0.0 and kth_largest_of(ties, 2_000_000) == 1.0
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.nonfinite_propagates))
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_methods_that_skip_the_input_check_propagate_nan_and_inf(name, bad):
-    """The engine checks only the output of such methods: a NaN/Inf anywhere in any input (base
-    included) must make the output non-finite at that entry, whatever the weights."""
-    m = get_method(name)
-    g = torch.Generator().manual_seed(11)
-    n = 1 if m.max_models == 1 else 3
-    base = torch.randn(64, 40, generator=g)
-    tensors = [base + 0.1 * torch.randn(64, 40, generator=g) for _ in range(n)]
+def _inputs(m, g, shape, n):
+    """Base, n models near it and every parameter (defaults; weights and densities that exercise the
+    method) for a property test."""
+    base = torch.randn(shape, generator=g)
+    tensors = [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)]
     params = {p: [v] * n for p, v in m.model_params.items()}
-    params.update(m.global_params, **({"tensor_name": "w"} if m.takes_name else {}))
-    if "weight" in params:
-        params["weight"] = [0.0, 1.0, -0.5][:n]
+    params.update(m.global_params, tensor_name="w")
     if "density" in params:
         params["density"] = [0.5] * n
-    for which in range(n + 1 if m.needs_base else n):
-        ins = [t.clone() for t in tensors] + [base.clone()]
+    if m.needs_importance:
+        params["importance"] = [torch.rand(shape, generator=g) for _ in range(n)]
+    return base, tensors, params
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_every_method_propagates_nan_and_inf(name, bad):
+    """The executor checks only outputs, so every method must let a NaN/Inf anywhere in any input
+    (base and importance included) reach the output at that entry, whatever the weights. Guards
+    against a method that selects around a bad entry (planted: Fisher's `torch.where(den > eps, …)`,
+    which sends a NaN importance to the plain average, passed a NaN Fisher entry silently)."""
+    m = get_method(name)
+    n = 1 if m.max_models == 1 else (2 if m.max_models == 2 else 3)
+    base, tensors, params = _inputs(m, torch.Generator().manual_seed(11), (64, 40), n)
+    if "weight" in params:
+        params["weight"] = [0.0, 1.0, -0.5][:n]
+    imp = params.pop("importance", [])
+    for which in range(n + 1 + len(imp)):
+        ins = [t.clone() for t in [*tensors, base, *imp]]
         ins[which][5, 7] = bad
-        out = m(ins[:n], ins[n] if m.needs_base else None, **params)
+        if which == n and not m.needs_base:
+            continue
+        extra = {"importance": ins[n + 1 :]} if imp else {}
+        out = m(ins[:n], ins[n] if m.needs_base else None, **params, **extra)
         assert not torch.isfinite(out[5, 7]), (name, which)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.casts_inputs))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_out_dtype_rounds_the_same_result_block_by_block(name):
-    """Methods that cast their (bf16) inputs themselves can return the output dtype directly: the
-    same values as computing in fp32 and rounding the whole tensor afterwards, bit for bit."""
+    """The executor rounds each block into the output dtype while it is in cache: the same values as
+    computing in fp32 and rounding the whole tensor afterwards, bit for bit, from bf16 inputs."""
     m = get_method(name)
-    g = torch.Generator().manual_seed(5)
-    n = 1 if m.max_models == 1 else 3
-    base = torch.randn(700, 600, generator=g)  # 420k entries: more than one block
-    tensors = [(base + 0.05 * torch.randn(700, 600, generator=g)).bfloat16() for _ in range(n)]
-    params = {p: [v] * n for p, v in m.model_params.items()}
-    params.update(m.global_params, **({"tensor_name": "w"} if m.takes_name else {}))
-    if "density" in params:
-        params["density"] = [0.5] * n
+    n = 1 if m.max_models == 1 else (2 if m.max_models == 2 else 3)
+    base, tensors, params = _inputs(m, torch.Generator().manual_seed(5), (700, 600), n)  # > 1 block
+    tensors = [t.bfloat16() for t in tensors]
     b = base.bfloat16() if m.needs_base else None
     wide = m(tensors, b, dtype=torch.float32, **params)
     narrow = m(tensors, b, dtype=torch.float32, out_dtype=torch.bfloat16, **params)
@@ -306,8 +317,6 @@ def test_out_dtype_rounds_the_same_result_block_by_block(name):
     ],
 )
 def test_radix_quantiles_equal_the_sorted_reference(values):
-    from branchmerge.merge.methods.arcee_fusion import quantiles
-
     qs = [0.0, 0.25, 0.5, 0.75, 1.0]
     ordered = torch.sort(values).values
     want = [float(ordered[math.floor(q * (values.numel() - 1))]) for q in qs]

@@ -13,34 +13,23 @@ import torch
 from branchmerge.merge.methods import Method, register
 
 
-def fisher_average(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: list[float],
-    importance: list[torch.Tensor],
-    eps: float = 1e-12,
-) -> torch.Tensor:
-    num = torch.zeros_like(tensors[0])
-    den = torch.zeros_like(tensors[0])
-    for t, w, f in zip(tensors, weight, importance):
-        wf = w * f
-        num.add_(wf * t)
-        den.add_(wf)
-    plain = sum(w * t for w, t in zip(weight, tensors)) / sum(weight)
-    return torch.where(den > eps, num / den.clamp_min(eps), plain)
+@register
+class Fisher(Method):
+    __doc__ = __doc__
+    name = "fisher"
+    min_models = 2
+    model_params = {"weight": 1.0}
+    global_params = {"eps": 1e-12}
+    needs_importance = True
 
-
-register(
-    Method(
-        "fisher",
-        fisher_average,
-        needs_base=False,
-        min_models=2,
-        model_params={"weight": 1.0},
-        global_params={"eps": 1e-12},
-        needs_importance=True,
-        row_separable=True,
-        doc=__doc__,
-    )
-)
+    def apply(self, ctx, _, rows) -> torch.Tensor:
+        weight, eps = ctx.p.weight, ctx.p.eps
+        thetas = [rows.model(i) for i in range(len(weight))]
+        num, den = torch.zeros_like(thetas[0]), torch.zeros_like(thetas[0])
+        for i, (t, w) in enumerate(zip(thetas, weight)):
+            wf = w * rows.importance(i)
+            num.add_(wf * t)
+            den.add_(wf)
+        plain = sum(w * t for w, t in zip(weight, thetas)) / sum(weight)
+        # the plain average only where the mass is finite and ≤ ε: a NaN/Inf importance stays NaN/Inf
+        return torch.where((den <= eps) & den.isfinite(), plain, num / den.clamp_min(eps))

@@ -10,23 +10,17 @@ import torch
 from branchmerge.merge.methods import Method, register
 
 
-def task_arithmetic(
-    tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], lambda_: float = 1.0
-) -> torch.Tensor:
-    delta = torch.zeros_like(base)
-    for t, w in zip(tensors, weight):
-        delta.add_(t - base, alpha=w)
-    return base + lambda_ * delta
+@register
+class TaskArithmetic(Method):
+    __doc__ = __doc__
+    name = "task_arithmetic"
+    needs_base = True
+    model_params = {"weight": 1.0}
+    global_params = {"lambda_": 1.0}
 
-
-register(
-    Method(
-        "task_arithmetic",
-        task_arithmetic,
-        needs_base=True,
-        model_params={"weight": 1.0},
-        global_params={"lambda_": 1.0},
-        row_separable=True,
-        doc=__doc__,
-    )
-)
+    def apply(self, ctx, _, rows) -> torch.Tensor:
+        base = rows.base()
+        delta = torch.zeros_like(base)
+        for i, w in enumerate(ctx.p.weight):
+            delta.add_(rows.model(i) - base, alpha=w)
+        return base + ctx.p.lambda_ * delta
