@@ -127,7 +127,7 @@ class MergeOptionsConfig:
     max_shard_bytes: int = 5_000_000_000
     check_finite: bool = True
     # tensors of up to this many entries merge whole, one per thread; larger ones block-parallel
-    chunk_elements: int = 1 << 22
+    chunk_elements: int = 1 << 24
     hash_inputs: bool = True
     progress: bool = True
 
