@@ -261,7 +261,8 @@ def plot(stats: dict, bases: list[str], path: Path) -> Path:
         top.set_ylabel("min over domains of retention")
         bottom.set_ylabel("min own-domain expert gain (points)")
         bottom.set_xlabel("branch update size: lr × steps")
-        top.legend(fontsize=8)
+        if top.get_legend_handles_labels()[0]:
+            top.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

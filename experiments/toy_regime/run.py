@@ -290,10 +290,7 @@ class Study:
                 logf,
             )
         else:
-            tasks = jobs.suite_tasks(a.suite, job.spec["domains"], a.limit)
-            jobs.run_logged(
-                jobs.eval_args(Path(job.spec["model"]), folder, a.suite, tasks, self.eval_toy_dir), logf
-            )
+            self.evaluate(job, folder, logf)
         secs = time.time() - t0
         jobs.mark_done(
             folder,
@@ -305,6 +302,12 @@ class Study:
             spec=job.spec,
         )
         return secs
+
+    def evaluate(self, job: Job, folder: Path, logf: Path) -> None:
+        """`evaluate.py` on the job's model and domains -> <folder>/{results.json, samples.jsonl}."""
+        tasks = jobs.suite_tasks(self.a.suite, job.spec["domains"], self.a.limit)
+        args = jobs.eval_args(Path(job.spec["model"]), folder, self.a.suite, tasks, self.eval_toy_dir)
+        jobs.run_logged(args, logf)
 
     def snapshots(self, run_dir: Path, domain: str, steps: list[int], g: Group) -> None:
         """HF folders at the intermediate step counts; then the checkpoints go (unless kept)."""
