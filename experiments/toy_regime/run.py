@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -326,6 +327,18 @@ class Study:
         torch.set_num_threads(1)  # snapshot exports run in this process, beside the workers
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_signature()
+        lock = self.out / "runner.pid"
+        if lock.exists() and _alive(int(lock.read_text() or 0)):
+            raise SystemExit(
+                f"{lock}: runner {lock.read_text()} is still working on {self.out}; let it finish or stop it first"
+            )
+        lock.write_text(str(os.getpid()))
+        try:
+            return self._loop()
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _loop(self) -> int:
         self.log(
             f"study {self.out}: bases {list(self.a.bases)} (ready: {self.ready_bases()}), budget {self.a.budget} min"
         )
@@ -380,6 +393,16 @@ class Study:
                 except Exception as e:  # a failed job is logged and skipped; the others go on
                     self.failed.add(key)
                     self.log(f"FAILED {key}: {e}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return pid > 0 and pid != os.getpid()
 
 
 def main(argv: list[str] | None = None) -> int:

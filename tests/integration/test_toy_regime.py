@@ -21,9 +21,10 @@ SMALL = ["trainer.global_batch_size=2", "trainer.micro_batch_size=2", "data.max_
 
 
 def tiny_argv(out: Path, toy_world: Path) -> list[str]:
-    """1 lr, steps 2 and 4 (one run, a snapshot at 2), 1 seed, the linear merge, 2 items per domain."""
-    argv = ["--out", str(out), "--base", f"weak={TOY_BASE}", "--lrs", "1e-3", "--steps", "2,4"]
-    argv += ["--seeds", "1", "--warmup-steps", "2", "--methods", "linear", "--mixture", "none"]
+    """1 lr, steps 3 and 6 (one run, a snapshot at 3), 1 seed, the linear merge, 2 items per domain.
+    Warmup 1 step, so the snapshot lies 2 steps past it (where a total-dependent decay shows)."""
+    argv = ["--out", str(out), "--base", f"weak={TOY_BASE}", "--lrs", "1e-3", "--steps", "3,6"]
+    argv += ["--seeds", "1", "--warmup-steps", "1", "--methods", "linear", "--mixture", "none"]
     argv += ["--suite", "toy_tiny", "--limit", "2", "--toy-dir", str(toy_world), "--no-wait"]
     return argv + [f"--train-override={o}" for o in SMALL]
 
@@ -61,20 +62,20 @@ def check_outputs(study: Path) -> None:
     cell = "weak/lr1e-03_s0"
     for d in ("math", "code", "science"):
         assert (study / "train" / cell / d / "export" / "model.safetensors").exists()
-        assert (study / "models" / cell / d / "step2" / "model.safetensors").exists()  # the snapshot
-        for s in (2, 4):
+        assert (study / "models" / cell / d / "step3" / "model.safetensors").exists()  # the snapshot
+        for s in (3, 6):
             res = json.loads(
                 (study / "evals" / cell / f"step{s}" / f"{d}_expert" / "results.json").read_text()
             )
             assert list(res["tasks"]) == [f"toy_{d}"] and res["tasks"][f"toy_{d}"]["questions"] == 2
-    for s in (2, 4):
+    for s in (3, 6):
         res = json.loads((study / "evals" / cell / f"step{s}" / "linear" / "results.json").read_text())
         assert sorted(res["tasks"]) == ["toy_code", "toy_math", "toy_science"]
     info = analyze.analyze(study)
     rows = list(csv.DictReader((study / "results" / "cells.csv").open()))
     assert len(rows) == 2 * 3 and info["rows"] == 6  # 2 step counts x 3 domains, the linear merge
     assert {(r["steps"], r["domain"]) for r in rows} == {
-        (s, d) for s in ("2", "4") for d in ("math", "code", "science")
+        (s, d) for s in ("3", "6") for d in ("math", "code", "science")
     }
     for r in rows:  # the score columns agree with the verdict files
         gain = float(r["expert_score"]) - float(r["base_score"])
@@ -102,21 +103,21 @@ def test_runner_with_evaluate_py(tmp_path, toy_world):
 
 @pytest.mark.timeout(900)
 def test_snapshot_equals_a_separate_shorter_run(study, toy_world, tmp_path):
-    """The step-2 export of the 4-step run must equal a 2-step run's weights, tensor for tensor.
+    """The step-3 export of the 6-step run must equal a 3-step run's weights, tensor for tensor.
     Planted bug that fails it: an lr schedule that depends on the run's total steps (cosine decay, or
     the warmup given as a fixed ratio of the total)."""
     run_dir = tmp_path / "short"
     args = jobs.train_args(
-        experiment="toy_math_branch", base=TOY_BASE, run_dir=run_dir, lr=1e-3, total_steps=2, every=2,
-        warmup_steps=2, seed=0, toy_dir=toy_world, output_dir=tmp_path, extra=SMALL,
+        experiment="toy_math_branch", base=TOY_BASE, run_dir=run_dir, lr=1e-3, total_steps=3, every=3,
+        warmup_steps=1, seed=0, toy_dir=toy_world, output_dir=tmp_path, extra=SMALL,
     )  # fmt: skip
     jobs.run_logged(args, tmp_path / "short.log")
     short = load_file(run_dir / "export" / "model.safetensors")
-    snap = load_file(study / "models" / "weak" / "lr1e-03_s0" / "math" / "step2" / "model.safetensors")
+    snap = load_file(study / "models" / "weak" / "lr1e-03_s0" / "math" / "step3" / "model.safetensors")
     final = load_file(study / "train" / "weak" / "lr1e-03_s0" / "math" / "export" / "model.safetensors")
     assert sorted(snap) == sorted(short)
     assert all(torch.equal(snap[k], short[k]) for k in snap)
-    assert any(not torch.equal(snap[k], final[k]) for k in snap)  # step 2 is not the step-4 model
+    assert any(not torch.equal(snap[k], final[k]) for k in snap)  # step 3 is not the step-6 model
 
 
 @pytest.mark.timeout(300)
