@@ -248,13 +248,15 @@ class Study:
             if not self.done(bj):
                 todo.append(bj)
                 left -= job_cost(bj, self.a.limit, scale)
+        full = False  # once a group does not fit, only groups already started are taken
         for g in self.groups():
             js = self.jobs_of(g)
             pending = [j for j in js if not self.done(j)]
             started = len(pending) < len(js) or any(j.key in self.running for j in js)
             cost = sum(job_cost(j, self.a.limit, scale) for j in pending if j.key not in self.running)
-            if not started and cost > left:
-                break
+            full = full or (not started and cost > left)
+            if full and not started:
+                continue
             left -= cost
             todo += pending
         return todo
@@ -330,7 +332,7 @@ class Study:
         lock = self.out / "runner.pid"
         if lock.exists() and _alive(int(lock.read_text() or 0)):
             raise SystemExit(
-                f"{lock}: runner {lock.read_text()} is still working on {self.out}; let it finish or stop it first"
+                f"{lock}: runner {lock.read_text().strip()} is still working on {self.out}; let it finish or stop it first"
             )
         lock.write_text(str(os.getpid()))
         try:

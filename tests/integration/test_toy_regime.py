@@ -188,3 +188,18 @@ def test_retention_interval_covers_the_point_estimate():
     point = (merge.mean() - base.mean()) / (expert.mean() - base.mean())
     lo, hi = analyze.retention_interval(base, expert, merge)
     assert lo < point < hi and lo > 0.2 and hi < 0.9
+
+
+def test_budget_skips_unstarted_groups_but_finishes_started_ones(tmp_path, toy_world):
+    """Planted bug that fails it: stopping at the first group that does not fit (a started group
+    further down the order would then never finish)."""
+    argv = tiny_argv(tmp_path, toy_world) + ["--budget", "0.01"]
+    argv[argv.index("--lrs") + 1] = "1e-3,1e-4"
+    study = runner.Study(runner.parse_args(argv))
+    jobs.mark_done(study.lay.train_dir(runner.Group("weak", 1e-4, 0), "math"), kind="train", seconds=1.0)
+    keys = [j.key for j in study.admitted()]
+    assert keys[0] == "eval/weak/base"
+    assert not [k for k in keys if "lr1e-03" in k]  # not started, does not fit 0.6 s of budget
+    started = [k for k in keys if "lr1e-04" in k]
+    assert "train/weak/lr1e-04_s0/code" in started and "train/weak/lr1e-04_s0/math" not in started
+    assert len(started) == 13 - 1  # 3 trains + 2 merges + 6 expert + 2 merge scorings, one done
