@@ -174,7 +174,7 @@ def _fmt(t: tuple, pct: bool = False) -> str:
     return f"{f(mean)} ± {f(sd)}" if n > 1 else f(mean)
 
 
-def summary(stats: dict, rows: list[dict], costs: dict[str, float], bases: list[str]) -> str:
+def summary(stats: dict, base_scores: dict, costs: dict[str, float], bases: list[str]) -> str:
     lines = ["# Toy regime study: gain retention of the merges", ""]
     lines += [
         "Retention = (merge − base) / (expert − base) on each domain's val items, seed mean ± sd "
@@ -182,8 +182,8 @@ def summary(stats: dict, rows: list[dict], costs: dict[str, float], bases: list[
         "",
     ]
     for base in bases:
-        base_scores = {r["domain"]: r["base_score"] for r in rows if r["base"] == base}
-        lines += [f"## base `{base}`: " + ", ".join(f"{d} {base_scores.get(d, '–')}" for d in DOMAINS), ""]
+        own = base_scores.get(base, {})
+        lines += [f"## base `{base}`: " + ", ".join(f"{d} {own.get(d, '–')}" for d in DOMAINS), ""]
         head = "| lr | steps | lr×steps | seeds | gain math | gain code | gain sci | linear ret. m/c/s | tinyr1 min ret. | ties min ret. | mixture m/c/s |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for lr, st in settings(stats, base):
@@ -282,7 +282,12 @@ def analyze(out: Path, results: Path | None = None) -> dict:
             w.writeheader()
             w.writerows(rows)
     stats = seed_stats(rows)
-    (results / "summary.md").write_text(summary(stats, rows, group_costs(out), bases))
+    base_scores = {
+        k[0]: {d: round(100 * float(v.mean()), 2) for d, v in scores.items()}
+        for k, scores in evals.items()
+        if k[4] == "base"
+    }
+    (results / "summary.md").write_text(summary(stats, base_scores, group_costs(out), bases))
     plot(stats, bases or ["(none)"], results / "regime_map.png")
     return {"rows": len(rows), "picks": {b: criterion(stats, b) for b in bases}, "results": str(results)}
 
