@@ -1,6 +1,6 @@
 """Gain retention of each merge, per cell and domain, and the default toy branch recipe it implies.
 
-    python experiments/toy_regime/analyze.py --out /work/runs/regime      # -> <out>/results/
+    python experiments/toy_regime/analyze.py --out outputs/toy_regime      # -> <out>/results/
 
 For a cell (base, lr, steps, seed) and domain d, with pass@1 in points on the val items:
 

@@ -1,9 +1,9 @@
 """The toy regime study: when does Branch-Merge keep the experts' gains? A resumable runner.
 
-    python experiments/toy_regime/run.py --out /work/runs/regime \
-        --base strong=/work/runs/train/toy_base/export --base weak=/work/runs/regime/bases/weak \
-        --budget 60                                   # minutes; 2 one-thread processes at a time
-    python experiments/toy_regime/analyze.py --out /work/runs/regime
+    python experiments/toy_regime/run.py --out outputs/toy_regime --toy-dir outputs/toy_world_strong \
+        --base strong=branchmerge/toy/assets/toy_base_strong --base weak=branchmerge/toy/assets/toy_base \
+        --suite toy_val --budget 60                   # minutes; 2 one-thread processes at a time
+    python experiments/toy_regime/analyze.py --out outputs/toy_regime
 
 Grid: base x lr x seed "groups", each ONE run per domain of max(--steps) steps exported at every step
 count (constant lr after --warmup-steps, so a checkpoint equals a shorter run: jobs.py), giving the
