@@ -114,17 +114,18 @@ def _write(path: Path, rows: list[dict]) -> None:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
     table = flatten(rows)
-    cols = list(dict.fromkeys(k for r in table for k in r))
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=list(table[0]) if table else [])
         w.writeheader()
         w.writerows(table)
     os.replace(tmp, path.with_suffix(".csv"))
 
 
 def flatten(rows: list[dict]) -> list[dict]:
-    """One flat dict per trial: trial, status, each parameter, each task's pass@1 and stderr, objective."""
+    """One flat dict per trial: trial, status, each parameter, each task's pass@1 and stderr, objective.
+    Every dict has the same keys (a column only some trials have, such as the winner's `test_*`
+    scores or a failed trial's missing task, is None on the others), so the rows form a table."""
     out = []
     for r in rows:
         flat = {"trial": r["trial"], "status": r["status"]}
@@ -138,7 +139,8 @@ def flatten(rows: list[dict]) -> list[dict]:
             flat["test_objective"] = test.get("objective")
             flat.update({f"test_{task}": s["pass@1"] for task, s in test["scores"].items()})
         out.append(flat)
-    return out
+    cols = list(dict.fromkeys(k for flat in out for k in flat))
+    return [{c: flat.get(c) for c in cols} for flat in out]
 
 
 def copy_best(path: Path, dest: Path, direction: str = "maximize") -> Path:

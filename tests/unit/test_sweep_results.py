@@ -89,7 +89,9 @@ def test_objective_and_pareto_front():
 def test_winner_and_its_test_scores_on_one_row(tmp_path):
     """The winner is the best successful trial (a failure's value never wins, even minimizing), and
     its test scores sit on its row only: a later winner takes them over (guards against two rows
-    showing test scores after a resumed sweep crowned another trial)."""
+    showing test scores after a resumed sweep crowned another trial). The flat table is rectangular:
+    the other rows carry the winner's test columns as None (guards against a reader that takes the
+    columns from one row and then fails on a row without them, as the analysis notebook did)."""
     from branchmerge.sweep.results import pick_winner, record_test
 
     path = tmp_path / "results.jsonl"
@@ -106,7 +108,8 @@ def test_winner_and_its_test_scores_on_one_row(tmp_path):
     assert [r.get("test", {}).get("objective") for r in rows] == [None, 0.4, None]
     flat = flatten(rows)
     assert flat[1]["test_objective"] == 0.4 and flat[1]["test_toy_math"] == 0.25
-    assert "test_objective" not in flat[0]
+    assert flat[0]["test_objective"] is None and flat[2]["test_toy_math"] is None
+    assert all(list(r) == list(flat[1]) for r in flat)
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"test_objective", "test_toy_math"} <= set(header)
 
