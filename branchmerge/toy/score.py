@@ -16,23 +16,34 @@ from typing import Any
 import torch
 
 from branchmerge.data.records import Record, read_records
+from branchmerge.eval.slots import greedy_decode, unsupported
 from branchmerge.toy.domains import get_domain
+
+
+def _chat(tokenizer: Any, prompt: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @torch.no_grad()
 def generate(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 384, batch_size: int = 64
 ) -> list[str]:
-    """Greedy completions of chat prompts (left-padded batches, stop at the model's EOS)."""
+    """Greedy completions of chat prompts, stopping at the model's EOS: through the slot decoder
+    (`branchmerge.eval.slots`, `batch_size` rows kept busy) where the model supports it, else HF
+    `generate` on left-padded batches. Both are greedy with the same stopping rule."""
+    if not unsupported(model):
+        eos = model.generation_config.eos_token_id
+        ids = [tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+        toks = greedy_decode(
+            model, ids, max_new_tokens, set(eos if isinstance(eos, list) else [eos]), batch_size
+        )
+        return tokenizer.batch_decode(toks, skip_special_tokens=True)
     tokenizer.padding_side = "left"
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts[i : i + batch_size]
-        ]
+        texts = [_chat(tokenizer, p) for p in prompts[i : i + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
