@@ -10,7 +10,9 @@ out_dtype, tokenizer_source, chat_template) into our recipe, with mergekit's mea
   each tensor's stored dtype). So `dtype: bfloat16` computes in bf16, as mergekit does.
 - `base_model`: the reference point of methods that take one (`base:`); for linear and slerp it is an
   input (slerp: the t = 0 end), as in mergekit.
-- gradients (lists) and `filter` lists map to our depth lists and module-name patterns.
+- parameters the YAML omits take mergekit's defaults where ours differ (`DEFAULTS`: dare_ties does
+  not normalise in mergekit); gradients (lists) and `filter` lists map to our depth lists and
+  module-name patterns.
 - `tokenizer_source` / `tokenizer.source`: `base` or a model copies that model's tokenizer files;
   `chat_template`: a Jinja template, `auto` (the inputs' most common one) or a model's name.
 Anything else is a clear error rather than a silently different merge.
@@ -55,6 +57,18 @@ MERGEKIT_METHODS = frozenset(
     }
 )
 BASE_IS_INPUT = {"linear", "slerp"}  # mergekit's base_model is one of these methods' inputs
+# mergekit's defaults where a YAML may rely on them (applied when the YAML omits the parameter and
+# our method has it): its `normalize` differs between variants of one general method.
+DEFAULTS = {
+    "linear": {"normalize": True},
+    "ties": {"normalize": True},
+    "dare_ties": {"normalize": False},
+    "dare_linear": {"normalize": False},
+    "breadcrumbs": {"normalize": False},
+    "breadcrumbs_ties": {"normalize": False},
+    "della": {"normalize": True},
+    "della_linear": {"normalize": False},
+}
 RENAME = {"lambda": "lambda_"}
 IGNORED = {"int8_mask"}  # a flag for mergekit's memory layout only
 KEYS = {
@@ -89,7 +103,9 @@ def _check_method(method: Any, path: Path) -> str:
 
 
 def _value(v: Any) -> Any:
-    """mergekit value -> ours: scalar | gradient list | [{filter, value}, ..., {value}] -> pattern dict."""
+    """mergekit value -> ours: scalar | gradient | [{filter, value}, ..., {value}] -> pattern dict.
+    A gradient [v_0, ..., v_m] runs over the decoder layers (t = layer / (L − 1)); mergekit gives every
+    tensor outside them (embeddings, final norm, lm_head) t = 0, hence {'.layers.': g, 'default': v_0}."""
     if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
         out: dict[str, Any] = {}
         for item in v:
@@ -98,6 +114,8 @@ def _value(v: Any) -> Any:
             else:
                 out["default"] = _value(item["value"])
         return out
+    if isinstance(v, list) and len(v) > 1:
+        return {".layers.": v, "default": v[0]}
     return v
 
 
@@ -179,11 +197,14 @@ def from_mergekit(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise RecipeError(f"{path}: unsupported mergekit keys {sorted(unknown)}")
     models, inputs, _ = _inputs(cfg, method, path)
+    ours = METHODS[method]
+    known = set(ours.global_params) | set(ours.model_params)
+    defaults = {k: v for k, v in DEFAULTS.get(method, {}).items() if k in known}
     step: dict[str, Any] = {
         "name": _name(path.stem),
         "method": method,
         "inputs": inputs,
-        "params": _params(cfg.get("parameters")),
+        "params": {**defaults, **_params(cfg.get("parameters"))},
     }
     base = cfg.get("base_model")
     if base is not None and method not in BASE_IS_INPUT:
