@@ -133,3 +133,79 @@ def test_fixture_runs_cover_every_case():
     assert recorded == set(_maker().CASES)
     for name in RUNS:
         assert (FIX / "out" / f"{name}.safetensors").is_file() and (FIX / "yaml" / f"{name}.yml").is_file()
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "mk.yml"
+    p.write_text(text)
+    return p
+
+
+def test_methods_accepted_by_mergekit_name_come_from_the_registry(tmp_path, monkeypatch):
+    """A method registered under one of mergekit's names is accepted with no list to edit; ours-only
+    methods and unknown names get one error naming what is supported. Guards against a hand-kept
+    list (planted: a fixed SHARED set refused the newly registered 'nearswap')."""
+    from branchmerge.merge import mergekit
+    from branchmerge.merge.methods import METHODS, Method
+    from branchmerge.merge.recipe import RecipeError
+
+    body = "base_model: /b\nmodels: [{model: /x}]\n"
+    for name, why in [
+        ("fisher", "is a branchmerge method, not mergekit's"),
+        ("frankenmerge", "merge_method 'frankenmerge' is not one we run"),
+    ]:
+        with pytest.raises(RecipeError, match=why) as e:
+            mergekit.from_mergekit(_yaml(tmp_path, f"merge_method: {name}\n{body}"))
+        assert "supported from mergekit YAML: [" in str(e.value) and "'ties'" in str(e.value)
+    if "nearswap" not in METHODS:
+        with pytest.raises(RecipeError, match="mergekit's 'nearswap' has no implementation here yet"):
+            mergekit.from_mergekit(_yaml(tmp_path, f"merge_method: nearswap\n{body}"))
+
+        class Nearswap(Method):
+            name = "nearswap"
+            needs_base = True
+
+        monkeypatch.setitem(METHODS, "nearswap", Nearswap())
+    assert "nearswap" in mergekit.supported() and "fisher" not in mergekit.supported()
+    step = mergekit.from_mergekit(_yaml(tmp_path, f"merge_method: nearswap\n{body}"))["steps"][0]
+    assert step["method"] == "nearswap" and step["base"] == "b" and step["inputs"] == ["x"]
+
+
+def test_dtype_is_compute_dtype_and_out_dtype_defaults_to_it(tmp_path):
+    """mergekit's `dtype` is the compute dtype, `out_dtype` the written one (default `dtype`); no
+    `dtype`: the stored one. Guards against the old mapping of `dtype` to the output dtype only."""
+    from branchmerge.merge.mergekit import from_mergekit
+
+    body = "merge_method: linear\nmodels: [{model: /a, parameters: {weight: 1}}]\n"
+    mk = from_mergekit(_yaml(tmp_path, body + "dtype: bfloat16\n"))
+    assert (mk["compute_dtype"], mk["out_dtype"]) == ("bfloat16", "bfloat16")
+    mk = from_mergekit(_yaml(tmp_path, body + "dtype: bfloat16\nout_dtype: float32\n"))
+    assert (mk["compute_dtype"], mk["out_dtype"]) == ("bfloat16", "float32")
+    assert from_mergekit(_yaml(tmp_path, body))["compute_dtype"] is None
+
+
+def test_chat_template_and_written_dtype_reach_the_output(inputs, tmp_path):
+    """`chat_template: auto` copies the inputs' template into the output's tokenizer_config.json and
+    config.json states the written dtype. Guards against a config.json still saying float32 over
+    bf16 weights (planted: the copied config kept the input's dtype)."""
+    from branchmerge.merge.run import run
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    for m in ("base", "m1"):
+        (inputs / "fp32" / m / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    yml = _yaml(
+        tmp_path,
+        f"merge_method: arcee_fusion\nbase_model: {inputs}/fp32/base\nmodels: [{{model: {inputs}/fp32/m1}}]\n"
+        "dtype: bfloat16\nchat_template: auto\n",
+    )
+    out = tmp_path / "out"
+    run(
+        compose(
+            "merge",
+            [f"from_mergekit={yml}", f"output_dir={out}", "options.progress=false"],
+            run_dir=tmp_path / "r",
+        )
+    )
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {v.dtype for v in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
