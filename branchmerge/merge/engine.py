@@ -213,7 +213,7 @@ class Merger:
         return {s: values[s] for s in self.outputs}, running
 
     # ---- the pass --------------------------------------------------------------------------------
-    def run(self, output_dir: Path, recipe: dict) -> dict:
+    def run(self, output_dir: Path, recipe: dict, chat_template: str | None = None) -> dict:
         t0 = time.time()
         first = next(iter(self.ckpts.values()))
         self.out_dtype = out_dtype = {
@@ -238,6 +238,7 @@ class Merger:
             src = self._copy_source()
             for d in [tmp, *[tmp / "intermediate" / s.name for s in saved]]:
                 self._copy_files(src, d)
+                self._describe(d, chat_template)
             record = provenance(self.ckpts, recipe, hash_inputs=self.opt.hash_inputs)
             record["seconds"] = round(time.time() - t0, 3)
             record["output_bytes"] = total_bytes
@@ -312,6 +313,25 @@ class Merger:
             ref = s.base or s.inputs[0].ref
         return self.ckpts[ref]
 
+    def _describe(self, folder: Path, chat_template: str | None) -> None:
+        """The copied config.json states the written dtype (`torch_dtype`/`dtype`) when out_dtype is
+        set; tokenizer_config.json gets `chat_template` when one is given (a mergekit YAML's)."""
+        cfg = folder / "config.json"
+        if self.opt.out_dtype and cfg.is_file():
+            data = json.loads(cfg.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in data or key == "torch_dtype":
+                    data[key] = self.opt.out_dtype
+            cfg.write_text(json.dumps(data, indent=2) + "\n")
+        if chat_template is not None:
+            tok = folder / "tokenizer_config.json"
+            data = json.loads(tok.read_text()) if tok.is_file() else {}
+            data["chat_template"] = chat_template
+            tok.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            jinja = folder / "chat_template.jinja"  # transformers 5 reads this file first: keep them equal
+            if jinja.is_file():
+                jinja.write_text(chat_template)
+
     @staticmethod
     def _copy_files(src: Checkpoint, dst: Path) -> None:
         for f in src.path.iterdir():
@@ -331,6 +351,8 @@ def merge(
     output_dir: str | Path,
     options: MergeOptions | None = None,
     recipe: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> dict:
-    """Validate, then stream the merge into `output_dir` (atomic). Returns the provenance record."""
-    return Merger(models, steps, options or MergeOptions()).run(Path(output_dir), recipe or {})
+    """Validate, then stream the merge into `output_dir` (atomic). Returns the provenance record.
+    `chat_template`: written into the output's tokenizer_config.json (None: the copied one stays)."""
+    return Merger(models, steps, options or MergeOptions()).run(Path(output_dir), recipe or {}, chat_template)

@@ -13,8 +13,9 @@ from branchmerge.utils.git import git_revision
 
 # Bumped whenever a method's output changes for the same recipe and inputs, so that a folder merged by
 # an older engine is merged again instead of reused. 2: Arcee Fusion takes one log of P/Q (not
-# log P − log Q) and draws its subsamples block by block.
-ENGINE_VERSION = 2
+# log P − log Q) and draws its subsamples block by block. 3: TIES keeps exactly
+# k = max(1, floor(density·n)) entries, ties at the threshold broken by position; a zero sign sum elects +.
+ENGINE_VERSION = 3
 
 
 def provenance(ckpts: dict[str, Any], recipe: dict, hash_inputs: bool = True) -> dict:

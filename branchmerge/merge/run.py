@@ -1,4 +1,10 @@
-"""`python merge.py ...`: a config (recipe, single-step overrides, or a mergekit YAML) -> a merge."""
+"""`python merge.py ...`: a config (recipe, single-step overrides, or a mergekit YAML) -> a merge.
+
+Dtypes: a recipe computes in `options.compute_dtype` (conf/merge.yaml: float32) and writes
+`options.out_dtype` (null: each tensor's stored dtype). A mergekit YAML sets both with mergekit's
+meaning (`branchmerge.merge.mergekit`): its `dtype` replaces `options.compute_dtype` (no `dtype`:
+the inputs' stored dtype), its `out_dtype` (default `dtype`) fills an unset `options.out_dtype`.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +18,39 @@ from branchmerge.config import validate
 from branchmerge.config.schema import MergeConfig
 from branchmerge.errors import MergeRecipeError
 from branchmerge.merge.engine import MergeOptions, merge
-from branchmerge.merge.mergekit import from_mergekit
+from branchmerge.merge.io import BY_NAME, Checkpoint
+from branchmerge.merge.mergekit import from_mergekit, pick_chat_template
 from branchmerge.merge.recipe import model_paths, parse_steps
 
 log = logging.getLogger(__name__)
 
 
+def _stored_dtype(models: dict[str, Path], step: dict) -> str:
+    """The dtype name of the first tensor of the step's base (else first input): what mergekit
+    computes in when its YAML gives no `dtype`."""
+    first = step.get("base") or next(i if isinstance(i, str) else i["model"] for i in step["inputs"])
+    ck = Checkpoint(models[first])
+    stored = ck.info[ck.names[0]].dtype
+    return next(k for k, v in BY_NAME.items() if v == stored)
+
+
 def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOptions, dict]:
     c = OmegaConf.to_container(cfg, resolve=True)
     opts = dict(c["options"])
+    template = None
     if c.get("from_mergekit"):
         mk = from_mergekit(c["from_mergekit"])
         models = {k: Path(v) for k, v in mk["models"].items()}
         raw_steps = mk["steps"]
+        opts["compute_dtype"] = mk["compute_dtype"] or _stored_dtype(models, raw_steps[0])
         opts["out_dtype"] = opts["out_dtype"] or mk["out_dtype"]
         opts["copy_files_from"] = opts["copy_files_from"] or mk["copy_files_from"]
+        log.info(
+            "mergekit YAML: computing in %s, writing %s",
+            opts["compute_dtype"],
+            opts["out_dtype"] or "as stored",
+        )
+        template = pick_chat_template(str(mk["chat_template"]), models) if mk["chat_template"] else None
     elif c["steps"]:
         models, raw_steps = model_paths(c["models"], []), c["steps"]
     else:
@@ -50,6 +74,8 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
         ]
     steps = parse_steps(raw_steps, set(models))
     recipe = {"models": {k: str(v) for k, v in models.items()}, "steps": raw_steps, "options": opts}
+    if template:
+        recipe["chat_template"] = template  # written into the output's tokenizer_config.json
     return models, steps, MergeOptions(**opts), recipe
 
 
@@ -82,6 +108,6 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
             log.info("%s already holds this merge of these inputs (overwrite=true merges again)", out)
             return old
         log.info("%s is from another recipe or other inputs; merging again", out)
-    record = merge(models, steps, out, options, recipe)
+    record = merge(models, steps, out, options, recipe, chat_template=recipe.get("chat_template"))
     log.info("merged model: %s (%.1fs)", out, record["seconds"])
     return record

@@ -2,6 +2,7 @@
 tools of methods whose stats are quantiles (TIES' magnitude threshold, importance fusion's τ).
 
     kth_largest(n, k, seed, at, block_values, map_)   the exact k-th largest of n values
+    rank_kth_largest(...)                             ... with per-block counts above / equal (`Rank`)
     quantiles(values, qs)                             sorted(values)[floor(q·(m−1))], by radix
     Subsample(spans, cols, seed, dtype, device)       10⁶ uniform draws with replacement, per block
 """
@@ -25,14 +26,37 @@ def gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, idx.to(flat.device))
 
 
-def kth_largest(
-    n: int, k: int, seed: int, at: Callable, block_values: Callable, map_: Callable
-) -> torch.Tensor:
-    """The exact k-th largest of n values, given `at(idx)` (the values at flat indices),
-    `block_values(b)` (the values of block b) and `map_(fn)` ([fn(b) for every block b], in order,
-    perhaps in parallel). A seeded sample brackets the answer, one counting pass confirms the bracket
-    and keeps only its ~2% of entries, which are selected on; the bracket widens if it missed (then,
-    at worst, the selection is over everything)."""
+class Rank:
+    """Where the k-th largest of n values sits, block by block: `value` t, and for each block b
+    `above[b]` = #{x > t} and `equal[b]` = #{x = t} among its entries. Keeping "exactly the k largest,
+    ties at t broken by position" keeps every x > t and the first k − Σ above entries equal to t in
+    flat order (`Rank.keep`)."""
+
+    def __init__(self, k: int, value: torch.Tensor, above: list[int], equal: list[int]) -> None:
+        self.k, self.value = k, value
+        self.above, self.equal = above, equal
+        self.take = k - sum(above)  # entries equal to t that are kept, 1 <= take <= Σ equal
+        self.before = [int(c) for c in np.cumsum([0, *equal[:-1]])]  # entries = t in earlier blocks
+
+    def keep(self, values: torch.Tensor, block: int) -> torch.Tensor:
+        """The keep mask of block `block` (flat values, in the block's order): x > t, or x = t and among
+        the first `take` such entries of the whole tensor. One comparison unless the block holds the
+        boundary, where a cumulative count of the ties picks the first ones."""
+        t, before, here = self.value, self.before[block], self.equal[block]
+        if here == 0 or before + here <= self.take:
+            return values >= t
+        if before >= self.take:
+            return values > t
+        eq = values == t
+        return (values > t) | (eq & (eq.cumsum(0) <= self.take - before))
+
+
+def rank_kth_largest(n: int, k: int, seed: int, at: Callable, block_values: Callable, map_: Callable) -> Rank:
+    """The exact k-th largest of n values with its per-block counts (`Rank`), given `at(idx)` (the
+    values at flat indices), `block_values(b)` (the values of block b) and `map_(fn)` ([fn(b) for every
+    block b], in order, perhaps in parallel). A seeded sample brackets the answer, one counting pass
+    confirms the bracket and keeps only its ~2% of entries, which are selected on; the bracket widens
+    if it missed (then, at worst, the selection is over everything)."""
     g = torch.Generator().manual_seed(seed)
     sample = at(torch.randint(n, (PROBE,), generator=g))
     q = 1 - k / n  # the answer's quantile from below
@@ -49,10 +73,26 @@ def kth_largest(
         above = sum(c for c, _ in parts)
         kept = torch.cat([v for _, v in parts])
         if above < k <= above + kept.numel():
-            return torch.kthvalue(kept, kept.numel() - (k - above) + 1).values
+            t = torch.kthvalue(kept, kept.numel() - (k - above) + 1).values
+            return _rank(k, t, [(c, v) for c, v in parts])
         margin *= 4
-    everything = torch.cat(map_(block_values))
-    return torch.kthvalue(everything, n - k + 1).values
+    blocks = map_(block_values)
+    t = torch.kthvalue(torch.cat(blocks), n - k + 1).values
+    return _rank(k, t, [(0, v) for v in blocks])
+
+
+def _rank(k: int, t: torch.Tensor, parts: list[tuple[int, torch.Tensor]]) -> Rank:
+    """A `Rank` from per-block (count known to be > t, candidate values) pairs."""
+    above = [c + int(torch.count_nonzero(v > t)) for c, v in parts]
+    equal = [int(torch.count_nonzero(v == t)) for _, v in parts]
+    return Rank(k, t, above, equal)
+
+
+def kth_largest(
+    n: int, k: int, seed: int, at: Callable, block_values: Callable, map_: Callable
+) -> torch.Tensor:
+    """The exact k-th largest of n values (see `rank_kth_largest`)."""
+    return rank_kth_largest(n, k, seed, at, block_values, map_).value
 
 
 def kth_largest_of(values: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:

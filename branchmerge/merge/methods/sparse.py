@@ -2,20 +2,25 @@
 method configured three ways.
 
     Δ_i = θ_i − B
-    sparsify   magnitude (TIES, Yadav et al. 2023, arXiv 2306.01708): keep the k = ceil(density·n)
-               entries of largest |Δ_i| (threshold = the k-th largest |Δ_i|, found exactly without a
-               sort; ties at the threshold kept), zero the rest;
+    sparsify   magnitude (TIES, Yadav et al. 2023, arXiv 2306.01708): keep exactly k = max(1,
+               floor(density·n)) entries of largest |Δ_i| (mergekit's k), zero the rest. With t the
+               k-th largest |Δ_i| (found exactly without a sort), every |Δ_i| > t is kept, and of the
+               entries with |Δ_i| = t (bf16 deltas tie there by the hundreds) the first ones in flat
+               (row-major) order, as many as make k: a stable descending sort's choice. mergekit keeps
+               the same number but picks the tied entries by an unstable argsort, so its choice among
+               them is arbitrary and differs from ours on those entries only;
                random (DARE, Yu et al. 2024, arXiv 2311.03099): keep each entry with probability
                p = density, rescale kept entries by 1/p. The draw is u < p·2^b for uniform b-bit
                integers u (b = 8, 16 or 32: the fewest bits in which p is exact, so p = 0.5 costs one
                random byte per entry; other p are rounded to a multiple of 2^-32), seeded per tensor
                name, model and block, so it never depends on order or threads.
-    consensus  sign (TIES): s = sign(Σ_i w_i Δ̂_i); keep only entries with sign(w_i Δ̂_i) = s ≠ 0;
-               none: keep all.
+    consensus  sign (TIES): s = +1 where Σ_i w_i Δ̂_i ≥ 0, else −1 (mergekit's election: a zero sum
+               elects +); keep only entries with sign(w_i Δ̂_i) = s; none: keep all.
     W = B + λ · Σ_i w_i m_i Δ̂_i / D,   D = Σ_i w_i m_i (normalize; 1 where no model contributes)
                                        D = 1 (no normalize)
     where m_i marks the entries of model i kept by the consensus (nonzero after sparsification).
-stats: the magnitude thresholds (or the random masks' seeds); apply: everything else, element-wise.
+stats: the magnitude ranks (threshold + per-block tie counts) or the random masks' seeds;
+apply: everything else, element-wise.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 from branchmerge.foundation import mix_seed
 from branchmerge.merge.methods import Method, register
-from branchmerge.merge.methods.select import SMALL, gather, kth_largest
+from branchmerge.merge.methods.select import SMALL, Rank, gather, rank_kth_largest
 
 
 class KeepMask:
@@ -50,10 +55,17 @@ class KeepMask:
         return words.view(self.view)[:n] < self.limit
 
 
-def magnitude_threshold(ctx, i: int, density: float) -> float | None:
-    """The k-th largest |θ_i − B| (k = ceil(density·n), exact); None = keep all, +inf = keep none."""
+def keep_count(density: float, n: int) -> int:
+    """mergekit's k: max(1, floor(density·n)) for 0 < density < 1; n at density ≥ 1, 0 at ≤ 0."""
+    if density >= 1:
+        return n
+    return 0 if density <= 0 or n == 0 else max(1, int(density * n))
+
+
+def magnitude_rank(ctx, i: int, density: float) -> Rank | None | float:
+    """Where model i's k-th largest |θ_i − B| sits (a `Rank`); None = keep all, +inf = keep none."""
     n = ctx.numel
-    k = math.ceil(density * n)
+    k = keep_count(density, n)
     if k >= n:
         return None
     if k <= 0:
@@ -63,12 +75,19 @@ def magnitude_threshold(ctx, i: int, density: float) -> float | None:
         return rows.model(i).sub_(rows.stored_base()).abs_()
 
     if n <= SMALL:
-        return float(torch.kthvalue(abs_delta(ctx.rows(0, ctx.n_rows)), n - k + 1).values)
+        whole = abs_delta(ctx.rows(0, ctx.n_rows))
+        t = torch.kthvalue(whole, n - k + 1).values
+        return _whole_rank(k, t, [whole[a:z] for a, z in ctx.spans])
 
     def at(idx: torch.Tensor) -> torch.Tensor:
         return gather(ctx.models[i], idx).to(ctx.dtype, copy=True).sub_(gather(ctx.base, idx)).abs_()
 
-    return float(kth_largest(n, k, ctx.seed(i), at, abs_delta, ctx.map))
+    return rank_kth_largest(n, k, ctx.seed(i), at, abs_delta, ctx.map)
+
+
+def _whole_rank(k: int, t: torch.Tensor, blocks: list[torch.Tensor]) -> Rank:
+    above = [int(torch.count_nonzero(b > t)) for b in blocks]
+    return Rank(k, t, above, [int(torch.count_nonzero(b == t)) for b in blocks])
 
 
 class SparseTaskArithmetic(Method):
@@ -79,13 +98,13 @@ class SparseTaskArithmetic(Method):
     consensus: str | None  # "sign" | None
 
     def stats(self, ctx) -> tuple[list, list]:
-        """(thresholds, masks), one of each per model (None where not used)."""
+        """(ranks, masks), one of each per model (None where not used)."""
         density = ctx.p.density
         for d in density:
             if not 0 <= d <= 1:
                 raise ValueError(f"density must be in [0, 1], got {d}")
         if self.sparsify == "magnitude":
-            return [magnitude_threshold(ctx, i, d) for i, d in enumerate(density)], [None] * len(density)
+            return [magnitude_rank(ctx, i, d) for i, d in enumerate(density)], [None] * len(density)
         masks = [KeepMask(d, ctx.seed(i)) if 0 < d < 1 else None for i, d in enumerate(density)]
         return [None] * len(density), masks
 
@@ -93,8 +112,8 @@ class SparseTaskArithmetic(Method):
         p = ctx.p
         base = rows.base()
         ds = [
-            _sparsified(rows.model(i).sub_(base), thr, mask, d, w, rows.index, getattr(p, "rescale", True))
-            for i, (thr, mask, d, w) in enumerate(zip(*stats, p.density, p.weight))
+            _sparsified(rows.model(i).sub_(base), rank, mask, d, w, rows.index, getattr(p, "rescale", True))
+            for i, (rank, mask, d, w) in enumerate(zip(*stats, p.density, p.weight))
         ]
         merged = _combine(ds, p.weight, self.consensus, p.normalize)
         if p.lambda_ != 1:
@@ -102,10 +121,12 @@ class SparseTaskArithmetic(Method):
         return base.add_(merged)
 
 
-def _sparsified(d, thr, mask, p, w, block, rescale) -> torch.Tensor:
+def _sparsified(d, rank, mask, p, w, block, rescale) -> torch.Tensor:
     """w · Δ̂ for one block of one model (d = Δ, modified in place)."""
-    if thr is not None:
-        d.mul_(d.abs() >= thr)
+    if isinstance(rank, Rank):
+        d.mul_(rank.keep(d.abs(), block))
+    elif rank is not None:  # +inf: keep none (a NaN/Inf entry still reaches the output)
+        d.mul_(d.abs() >= rank)
     elif mask is not None:
         d.mul_(mask(block, d.numel()).to(d.device))
         if rescale:
@@ -123,7 +144,7 @@ def _combine(ds: list[torch.Tensor], weight: list[float], consensus: str | None,
     if consensus is None and not normalize:
         return total
     if consensus == "sign":
-        s = torch.sign(total)
+        s = torch.sign(total).masked_fill_(total == 0, 1.0)  # a zero sum elects + (as mergekit)
         keep = [torch.mul(d, s) > 0 for d in ds]  # same nonzero sign as the elected one (exact)
         total = ds[0].mul_(keep[0])
         for d, m in zip(ds[1:], keep[1:]):

@@ -1,0 +1,211 @@
+"""`merge.py from_mergekit=` against mergekit's own outputs on the same YAML and the same tiny Qwen2
+inputs (tests/fixtures/mergekit: recorded by make_fixtures.py with mergekit-yaml; the inputs are
+rebuilt here from their seeds and checked against the recorded hashes).
+
+Deterministic methods: every tensor within 1e-2 of mergekit's, relative to the tensor's largest
+magnitude (`pytest -s` prints each run's maximum). TIES: mergekit
+picks tied entries at the density threshold by an unstable argsort, so entries may differ only where
+some model's |Δ| equals its threshold (the rest match exactly in fp32, within 1e-2 in bf16). Randomised methods (DARE): keep rate and rescaling match in
+distribution.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, compose
+
+FIX = ROOT / "tests/fixtures/mergekit"
+MANIFEST = json.loads((FIX / "manifest.json").read_text())
+RUNS = MANIFEST["runs"]
+TOLERANCE = 1e-2
+
+
+def _maker():
+    spec = importlib.util.spec_from_file_location("mergekit_fixtures", FIX / "make_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mk_inputs")
+    hashes = _maker().build_inputs(root)
+    assert hashes == MANIFEST["inputs_sha256"], (
+        "the rebuilt inputs differ from the ones mergekit merged (torch's seeded RNG changed?): "
+        "rerun tests/fixtures/mergekit/make_fixtures.py"
+    )
+    return root
+
+
+def _ours(name: str, inputs: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    from branchmerge.merge.run import run
+
+    run_ = RUNS[name]
+    yml = tmp_path / f"{name}.yml"
+    yml.write_text(yaml.safe_dump(_maker().case_yaml(run_["case"], run_["stored"], run_["dtype"], inputs)))
+    out = tmp_path / "out"
+    cfg = compose(
+        "merge",
+        [f"from_mergekit={yml}", f"output_dir={out}", "options.progress=false", "options.hash_inputs=false"],
+        run_dir=tmp_path / "run",
+    )
+    run(cfg)
+    return load_file(out / "model.safetensors")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def _tied_at_threshold(inputs: Path, run_: dict, name: str) -> torch.Tensor:
+    """Entries where some model's |Δ| (in the compute dtype) equals its k-th largest: where mergekit's
+    unstable argsort and our positional rule may keep different entries."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[run_["dtype"]]
+    base = load_file(inputs / run_["stored"] / "base/model.safetensors")[name].to(dtype)
+    tied = torch.zeros(base.shape, dtype=torch.bool)
+    for m in ("m1", "m2", "m3"):
+        d = (load_file(inputs / run_["stored"] / m / "model.safetensors")[name].to(dtype) - base).abs()
+        k = max(1, int(0.5 * d.numel()))
+        t = torch.kthvalue(d.float().reshape(-1), d.numel() - k + 1).values
+        tied |= d.float() == t
+    return tied
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RUNS.items() if r["kind"] == "exact"))
+def test_deterministic_methods_match_mergekit(name, inputs, tmp_path):
+    """Guards against a converter or method that drifts from mergekit's meaning. Planted once each:
+    computing in fp32 where the YAML says `dtype: bfloat16` (Arcee Fusion's kept set moves: 0.117
+    relative, fails), gradients resolved with t = 1 after the layers where mergekit uses t = 0 (linear
+    and slerp fail on lm_head / model.norm). Measured maxima: 0 (ties, arcee fp32) to 2e-7 (fp32),
+    2.5e-4 to 7.6e-3 (bf16 compute: rounding of bf16 sums)."""
+    ours, theirs = _ours(name, inputs, tmp_path), load_file(FIX / "out" / f"{name}.safetensors")
+    assert ours.keys() == theirs.keys()
+    run_ = RUNS[name]
+    worst = 0.0
+    for k in theirs:
+        a, b = ours[k].float(), theirs[k].float()
+        if run_["case"] == "ties":
+            tied = _tied_at_threshold(inputs, run_, k)
+            if run_["dtype"] == "float32":  # bf16 sums round differently (one pass vs in order)
+                assert not ((a != b) & ~tied).any(), f"{name}: '{k}' differs away from the tied entries"
+            a, b = a[~tied], b[~tied]
+        worst = max(worst, _relative(a, b) if b.numel() else 0.0)
+    print(f"{name}: max relative difference {worst:.2e}")
+    assert worst <= TOLERANCE, f"{name}: {worst:.3g} > {TOLERANCE}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RUNS.items() if r["kind"] == "random"))
+def test_randomised_methods_match_in_distribution(name, inputs, tmp_path):
+    """DARE: the share of entries moved off the base (≈ 1 − (1 − p)^n for n models at density p)
+    within 3 points of mergekit's, and the size of the kept update (mean |W − B| over moved entries)
+    within 10% (mergekit rescales by the L1 ratio, we by 1/p: equal in expectation). Guards against a
+    missing or doubled rescale (planted: without 1/p the update halves) and a wrong keep rate."""
+    ours, theirs = _ours(name, inputs, tmp_path), load_file(FIX / "out" / f"{name}.safetensors")
+    run_ = RUNS[name]
+    base = load_file(inputs / run_["stored"] / "base/model.safetensors")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[run_["dtype"]]
+
+    def moved(sd):
+        diffs = [(sd[k].to(dtype).float() - base[k].to(dtype).float()).reshape(-1) for k in sd]
+        d = torch.cat(diffs)
+        keep = d != 0
+        return float(keep.float().mean()), float(d[keep].abs().mean())
+
+    (rate_a, size_a), (rate_b, size_b) = moved(ours), moved(theirs)
+    print(f"{name}: moved {rate_a:.3f} vs mergekit {rate_b:.3f}; mean |update| {size_a:.4g} vs {size_b:.4g}")
+    assert abs(rate_a - rate_b) <= 0.03
+    assert abs(size_a / size_b - 1) <= 0.10
+
+
+def test_fixture_runs_cover_every_case():
+    """Every case of make_fixtures.CASES was recorded (a case added without rerunning the script
+    would otherwise be silently untested)."""
+    recorded = {r["case"] for r in RUNS.values()}
+    assert recorded == set(_maker().CASES)
+    for name in RUNS:
+        assert (FIX / "out" / f"{name}.safetensors").is_file() and (FIX / "yaml" / f"{name}.yml").is_file()
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "mk.yml"
+    p.write_text(text)
+    return p
+
+
+def test_methods_accepted_by_mergekit_name_come_from_the_registry(tmp_path, monkeypatch):
+    """A method registered under one of mergekit's names is accepted with no list to edit; ours-only
+    methods and unknown names get one error naming what is supported. Guards against a hand-kept
+    list (planted: a fixed SHARED set refused the newly registered 'nearswap')."""
+    from branchmerge.merge import mergekit
+    from branchmerge.merge.methods import METHODS, Method
+    from branchmerge.merge.recipe import RecipeError
+
+    body = "base_model: /b\nmodels: [{model: /x}]\n"
+    for name, why in [
+        ("fisher", "is a branchmerge method, not mergekit's"),
+        ("frankenmerge", "merge_method 'frankenmerge' is not one we run"),
+    ]:
+        with pytest.raises(RecipeError, match=why) as e:
+            mergekit.from_mergekit(_yaml(tmp_path, f"merge_method: {name}\n{body}"))
+        assert "supported from mergekit YAML: [" in str(e.value) and "'ties'" in str(e.value)
+    if "nearswap" not in METHODS:
+        with pytest.raises(RecipeError, match="mergekit's 'nearswap' has no implementation here yet"):
+            mergekit.from_mergekit(_yaml(tmp_path, f"merge_method: nearswap\n{body}"))
+
+        class Nearswap(Method):
+            name = "nearswap"
+            needs_base = True
+
+        monkeypatch.setitem(METHODS, "nearswap", Nearswap())
+    assert "nearswap" in mergekit.supported() and "fisher" not in mergekit.supported()
+    step = mergekit.from_mergekit(_yaml(tmp_path, f"merge_method: nearswap\n{body}"))["steps"][0]
+    assert step["method"] == "nearswap" and step["base"] == "b" and step["inputs"] == ["x"]
+
+
+def test_dtype_is_compute_dtype_and_out_dtype_defaults_to_it(tmp_path):
+    """mergekit's `dtype` is the compute dtype, `out_dtype` the written one (default `dtype`); no
+    `dtype`: the stored one. Guards against the old mapping of `dtype` to the output dtype only."""
+    from branchmerge.merge.mergekit import from_mergekit
+
+    body = "merge_method: linear\nmodels: [{model: /a, parameters: {weight: 1}}]\n"
+    mk = from_mergekit(_yaml(tmp_path, body + "dtype: bfloat16\n"))
+    assert (mk["compute_dtype"], mk["out_dtype"]) == ("bfloat16", "bfloat16")
+    mk = from_mergekit(_yaml(tmp_path, body + "dtype: bfloat16\nout_dtype: float32\n"))
+    assert (mk["compute_dtype"], mk["out_dtype"]) == ("bfloat16", "float32")
+    assert from_mergekit(_yaml(tmp_path, body))["compute_dtype"] is None
+
+
+def test_chat_template_and_written_dtype_reach_the_output(inputs, tmp_path):
+    """`chat_template: auto` copies the inputs' template into the output's tokenizer_config.json and
+    config.json states the written dtype. Guards against a config.json still saying float32 over
+    bf16 weights (planted: the copied config kept the input's dtype)."""
+    from branchmerge.merge.run import run
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    for m in ("base", "m1"):
+        (inputs / "fp32" / m / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    yml = _yaml(
+        tmp_path,
+        f"merge_method: arcee_fusion\nbase_model: {inputs}/fp32/base\nmodels: [{{model: {inputs}/fp32/m1}}]\n"
+        "dtype: bfloat16\nchat_template: auto\n",
+    )
+    out = tmp_path / "out"
+    run(
+        compose(
+            "merge",
+            [f"from_mergekit={yml}", f"output_dir={out}", "options.progress=false"],
+            run_dir=tmp_path / "r",
+        )
+    )
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {v.dtype for v in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
