@@ -205,7 +205,7 @@ def test_reference_programs_run_beside_generation_feed_the_grader(toy_world):
     assert len(programs) == 4
     graders.run_program.cache_clear()
     runs = ReferenceRuns(programs, workers=2)
-    outputs = [f.result() for f in runs.futures]
+    outputs = [f.result() for f in runs.futures.values()]
     runs.close()
     assert graders.run_program.cache_info().misses == 4 and all(o is not None for o in outputs)
     answers = [f"```\n{o}```" for o in reversed(outputs)]  # futures run last document first
