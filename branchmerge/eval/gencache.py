@@ -8,7 +8,10 @@ the weights (*.safetensors), the files that shape the prompt's tokens and the de
 generation config, tokenizer, chat template) and the settings that move an output (dtype, device,
 decoder, max length, library versions). Only greedy requests are cached: a sampled request (n
 samples of one prompt share its key) always runs. SQLite (WAL) lets evaluations running side by
-side share one store; rows are written once per `generate_until` call.
+side share one store; rows are written once per `generate_until` call. The same store keeps the
+outputs of the toy code task's reference programs (table `program`, branchmerge/eval/prefetch.py):
+they depend on the test set and the sandbox, not on the model, so every later evaluation of the
+set skips them.
 """
 
 from __future__ import annotations
@@ -58,25 +61,32 @@ class GenerationStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, model TEXT, text TEXT)")
+            db.execute("CREATE TABLE IF NOT EXISTS program (key TEXT PRIMARY KEY, output TEXT)")
 
     def _db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=120)
 
-    def get(self, keys: list[str]) -> dict[str, str]:
+    def get(self, keys: list[str], table: str = "gen") -> dict[str, str]:
+        """key -> stored text (gen) or program output (program) for the keys present."""
+        column = {"gen": "text", "program": "output"}[table]
         found: dict[str, str] = {}
         with self._db() as db:
             for i in range(0, len(keys), 500):
                 chunk = keys[i : i + 500]
                 marks = ",".join("?" * len(chunk))
-                found.update(
-                    db.execute(f"SELECT key, text FROM gen WHERE key IN ({marks})", chunk).fetchall()
-                )
+                query = f"SELECT key, {column} FROM {table} WHERE key IN ({marks})"
+                found.update(db.execute(query, chunk).fetchall())
         return found
 
     def put(self, rows: list[tuple[str, str, str]]) -> None:
         """rows: (key, model key, text)."""
         with self._db() as db:
             db.executemany("INSERT OR REPLACE INTO gen VALUES (?, ?, ?)", rows)
+
+    def put_outputs(self, rows: list[tuple[str, str]]) -> None:
+        """rows: (program key, stdout of a program that ran to completion)."""
+        with self._db() as db:
+            db.executemany("INSERT OR REPLACE INTO program VALUES (?, ?)", rows)
 
 
 def is_sampled(gen_kwargs: dict) -> bool:

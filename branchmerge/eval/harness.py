@@ -33,14 +33,14 @@ from omegaconf import DictConfig, OmegaConf
 from branchmerge.config import validate
 from branchmerge.config.schema import EvalConfig
 from branchmerge.errors import ConfigError, EvaluationError, MissingFileError
+from branchmerge.eval.gencache import GenerationStore, cache_generations, model_key
+from branchmerge.eval.lmeval_run import build_task, reference_runs, run_task
 from branchmerge.eval.results import summarize_task
 from branchmerge.foundation import file_hash, versions
 from branchmerge.verify import sandbox
-from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN, opened_think, reopen_think
+from branchmerge.verify.extract import THINK_CLOSE, THINK_OPEN, reopen_think
 
 log = logging.getLogger(__name__)
-TASK_DIR = Path(__file__).parent / "tasks"
-PER_SAMPLE_DOCS = {"gpqa_diamond"}  # one document per (question, sample): n goes to the loader
 CODE_TASKS = {"toy_code", "livecodebench"}  # graded by running generated programs in the sandbox
 
 
@@ -182,7 +182,6 @@ def build_lm(cfg: Any):
 
 def _cached(lm: Any, cfg: Any) -> Any:
     """Greedy generations served from `generation_cache` when this model already made them."""
-    from branchmerge.eval.gencache import GenerationStore, cache_generations, model_key
 
     settings = {
         **{k: cfg.get(k) for k in ("backend", "device", "max_model_len", "tensor_parallel_size")},
@@ -205,72 +204,6 @@ def _dataset_file(task: str, cfg: Any) -> Path | None:
     return Path(cfg.data_dir) / SOURCES[task][0] if task in SOURCES else None
 
 
-def run_task(lm: Any, spec: Any, cfg: Any) -> tuple[dict, list[dict]]:
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager, get_task_dict
-
-    meta = {"data_dir": cfg.data_dir, "toy_dir": cfg.toy_dir, "seed": cfg.seed, "n_samples": spec.n}
-    meta["split"] = spec.split  # test or val (the loaders of the real benchmarks refuse val)
-    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=meta)
-    task = get_task_dict([spec.name], tm)[spec.name]
-    per_doc = spec.name in PER_SAMPLE_DOCS
-    task.set_config("repeats", 1 if per_doc else spec.n)
-    gen = {"until": [], "do_sample": spec.temperature > 0, "max_gen_toks": spec.max_gen_toks}
-    if spec.temperature > 0:
-        gen.update(temperature=spec.temperature, top_p=spec.top_p)
-    task.set_config("generation_kwargs", gen)
-    with _reference_runs(task, spec):
-        out = simple_evaluate(
-            model=lm,
-            tasks=[task],
-            apply_chat_template=True,
-            log_samples=True,
-            limit=spec.limit,
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-            bootstrap_iters=0,
-            confirm_run_unsafe_code=True,
-            task_manager=tm,  # without it lm-eval indexes its ~13k bundled task YAMLs again (~7 s a task)
-        )
-    rows = []
-    for s in out["samples"][spec.name]:
-        responses = [
-            r for group in s["filtered_resps"] for r in (group if isinstance(group, list) else [group])
-        ]
-        opened = opened_think(s["arguments"][0][0]) if s.get("arguments") else ""
-        for k, (resp, verdict) in enumerate(zip(responses, s["verdicts"])):
-            doc = s["doc"]
-            rows.append(
-                {
-                    "task": spec.name,
-                    "doc_id": s["doc_id"],
-                    "question": str(doc.get("id")),
-                    "sample": int(doc.get("sample", k)),
-                    "shuffle_seed": doc.get("shuffle_seed"),
-                    "reference": doc.get("answer"),
-                    "response": resp,
-                    "opened_by_prompt": opened if resp.startswith(opened) else "",
-                    "verdict": int(verdict),
-                }
-            )
-    return out, rows
-
-
-def _reference_runs(task: Any, spec: Any):
-    """Toy code: run the documents' reference programs beside generation (branchmerge/eval/prefetch.py)."""
-    import contextlib
-
-    if spec.name != "toy_code":
-        return contextlib.nullcontext()
-    from branchmerge.eval.prefetch import ReferenceRuns, reference_programs
-
-    docs = task.eval_docs
-    n = len(docs) if spec.limit is None else min(spec.limit, len(docs))
-    return ReferenceRuns(reference_programs([docs[i] for i in range(n)]))
-
-
 def evaluate(cfg: DictConfig) -> dict:
     cfg = validate(cfg, EvalConfig)
     code = any(t.name in CODE_TASKS for t in cfg.eval.tasks)
@@ -285,9 +218,28 @@ def evaluate(cfg: DictConfig) -> dict:
 
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    lm = build_lm(cfg)
-    tokenizer = lm.tokenizer
-    results: dict[str, Any] = {
+    tasks = {spec.name: build_task(spec, cfg) for spec in cfg.eval.tasks}  # a missing file fails here
+    store = GenerationStore(cfg.generation_cache) if cfg.get("generation_cache") else None
+    with reference_runs(tasks, cfg.eval.tasks, store) as refs:  # toy code: from now on, beside the rest
+        lm = build_lm(cfg)
+        results = _header(lm, cfg)
+        with (run_dir / "samples.jsonl").open("w") as f:
+            for spec in cfg.eval.tasks:
+                results["tasks"][spec.name] = _run_one(lm, tasks[spec.name], spec, cfg, f)
+    results["generation_cache"] = getattr(lm, "generation_cache", None)  # path, hits, misses
+    if refs is not None and results["generation_cache"] is not None:
+        results["generation_cache"]["reference_outputs_reused"] = refs.stored  # toy code: not run again
+    results["seconds"] = round(time.time() - t0, 1)
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.info("results: %s", run_dir / "results.json")
+    return results
+
+
+def _header(lm: Any, cfg: Any) -> dict[str, Any]:
+    """results.json's settings: model, backend, decoder, dtype, template, versions, sandbox."""
+    model_path = Path(cfg.model_path)
+    return {
         "model": {"path": str(model_path.resolve()), "hash": model_hash(model_path)},
         "suite": cfg.eval.name,
         "backend": cfg.backend,
@@ -298,50 +250,46 @@ def evaluate(cfg: DictConfig) -> dict:
         "dtype_setting": cfg.dtype,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "data_parallel_size": cfg.data_parallel_size,
-        "chat_template": getattr(tokenizer, "chat_template", None),
+        "chat_template": getattr(lm.tokenizer, "chat_template", None),
         "versions": {**versions(), **_lm_eval_version()},
         "sandbox": sandbox.provenance(),  # how generated code ran; a `warning` when not isolated
         "tasks": {},
     }
-    samples_path = run_dir / "samples.jsonl"
-    with samples_path.open("w") as f:
-        for spec in cfg.eval.tasks:
-            t1 = time.time()
-            _, rows = run_task(lm, spec, cfg)
-            for r in rows:
-                generated = r["response"][len(r["opened_by_prompt"]) :]
-                r["n_tokens"] = len(tokenizer(generated, add_special_tokens=False)["input_ids"])
-                f.write(json.dumps(r) + "\n")
-            data_file = _dataset_file(spec.name, cfg)
-            summary = summarize_task(rows, spec.max_gen_toks)
-            summary.update(
-                {
-                    "unclosed_think": sum(unclosed(r["response"]) for r in rows),
-                    "n": spec.n,
-                    "temperature": spec.temperature,
-                    "top_p": spec.top_p,
-                    "max_gen_toks": spec.max_gen_toks,
-                    "limit": spec.limit,
-                    "seconds": round(time.time() - t1, 1),
-                    "dataset_file": str(data_file) if data_file else None,
-                    "dataset_hash": file_hash(data_file) if data_file and data_file.exists() else None,
-                }
-            )
-            results["tasks"][spec.name] = summary
-            log.info(
-                "%s: pass@1 %.4f ± %.4f (n=%d, %d questions)",
-                spec.name,
-                summary["pass@1"],
-                summary["stderr"],
-                spec.n,
-                summary["questions"],
-            )
-    results["generation_cache"] = getattr(lm, "generation_cache", None)  # path, hits, misses
-    results["seconds"] = round(time.time() - t0, 1)
-    results["config"] = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.info("results: %s", run_dir / "results.json")
-    return results
+
+
+def _run_one(lm: Any, task: Any, spec: Any, cfg: Any, samples) -> dict[str, Any]:
+    """Run one task, append its rows to `samples` (with generated-token counts); its summary."""
+    t1 = time.time()
+    rows = run_task(lm, task, spec, cfg)
+    generated = [r["response"][len(r["opened_by_prompt"]) :] for r in rows]
+    ids = lm.tokenizer(generated, add_special_tokens=False)["input_ids"] if rows else []
+    for r, toks in zip(rows, ids):
+        r["n_tokens"] = len(toks)
+        samples.write(json.dumps(r) + "\n")
+    data_file = _dataset_file(spec.name, cfg)
+    summary = summarize_task(rows, spec.max_gen_toks)
+    summary.update(
+        {
+            "unclosed_think": sum(unclosed(r["response"]) for r in rows),
+            "n": spec.n,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "max_gen_toks": spec.max_gen_toks,
+            "limit": spec.limit,
+            "seconds": round(time.time() - t1, 1),
+            "dataset_file": str(data_file) if data_file else None,
+            "dataset_hash": file_hash(data_file) if data_file and data_file.exists() else None,
+        }
+    )
+    log.info(
+        "%s: pass@1 %.4f ± %.4f (n=%d, %d questions)",
+        spec.name,
+        summary["pass@1"],
+        summary["stderr"],
+        spec.n,
+        summary["questions"],
+    )
+    return summary
 
 
 def unclosed(response: str) -> bool:

@@ -11,7 +11,8 @@ Shared by the toy code verifier, LiveCodeBench grading and distillation's code f
   an empty environment, no capabilities, no further user namespaces (--disable-userns), no new
   privileges. Its PID namespace dies with its init, so the whole tree (daemonised grandchildren
   too) is killed at the wall limit. bwrap always runs unprivileged: a root caller first switches it
-  to a uid of its own (UID_BASE + slot, no account, nothing on the host owned by it), because
+  to a uid of its own (UID_BASE + slot, no account, nothing on the host owned by it; through
+  util-linux `setpriv`, so the caller is not forked), because
   RLIMIT_NPROC never binds uid 0 (fork bombs) and uid 0 owns the host's files. RLIMIT_NPROC then
   counts the processes of the program's own user namespace. The interpreter is this Python's base
   interpreter, or for a root caller whose interpreter an unprivileged uid cannot read (e.g. under
@@ -364,16 +365,32 @@ def _bwrap_argv(bwrap: str, interp: str, limits: Limits, prog_fd: int, info_fd: 
     ]  # fmt: skip
 
 
+@lru_cache(maxsize=1)
+def _setpriv() -> str | None:
+    return shutil.which("setpriv", path=_ENV["PATH"])
+
+
+def _as_user(argv: list[str], uid: int | None) -> tuple[list[str], dict]:
+    """(argv, Popen keywords) that run `argv` as `uid` and its group, no supplementary groups (None:
+    as the caller). Through util-linux `setpriv` when /usr/bin or /bin has it: Popen then starts
+    the child with vfork; Popen's own user=/group= make it fork, which copies the page tables of a
+    caller holding a model (~40 ms of CPU per program beside an 800 MB model, against ~0.3 ms)."""
+    if uid is None:
+        return argv, {}
+    if _setpriv() is None:
+        return argv, {"user": uid, "group": uid, "extra_groups": []}
+    return [_setpriv(), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv], {}
+
+
 def _run_bwrap(
     bwrap: str, interp: str, program: str, stdin: str, limits: Limits, wall: float, uid: int | None
 ) -> SandboxResult:
     prog_fd = os.memfd_create("main.py")
     info_r, info_w = os.pipe()
-    ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     try:
         _write_all(prog_fd, program.encode())
         os.lseek(prog_fd, 0, os.SEEK_SET)
-        argv = _bwrap_argv(bwrap, interp, limits, prog_fd, info_w)
+        argv, ids = _as_user(_bwrap_argv(bwrap, interp, limits, prog_fd, info_w), uid)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             t0 = time.monotonic()
             proc = subprocess.Popen(

@@ -10,10 +10,14 @@ process (start-up, lm-eval, generation and sandbox grading all counted), run one
                  `resolve_decoder` to branchmerge/eval/harness.py): HFLM + HF generate, batch 64
     hf           this code, decoder=hf (HF generate; reference programs still run beside it)
     slots        this code, defaults: decoder=slots on CPU, a fresh (empty) generation cache
-    slots+cache  the same again on the cache the previous run filled (generation skipped)
+    slots+refs   a copy of that cache with its generations deleted: the model generates again, the
+                 toy code reference outputs are reused (every evaluation after the first on a test set:
+                 the demo's other models)
+    slots+cache  the same again on the cache the slots run filled (generation and programs skipped)
 
 Prints wall seconds, CPU seconds (process + children) and items/s per configuration, each one's
-ratio to `before`, and how many responses are string-equal to `before`'s. The toy world
+ratio to `before`, how many responses are string-equal to `before`'s, and the 1-minute load
+average when each run started (other users of a shared machine slow every run). The toy world
 (`--toy-dir`) is built once with `python distill.py +experiment=toy_data paths.toy_dir=<dir>`
 (~80 s) when missing. Writes experiments/perf/results/eval_bench.json with the machine and load.
 """
@@ -25,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -68,6 +73,7 @@ def run(tree: Path, out: Path, toy_dir: Path, limit: str, extra: list[str]) -> d
         sys.executable, "evaluate.py", f"model_path={MODEL}", "eval=toy", f"eval.tasks=[{tasks}]",
         "threads=1", f"paths.toy_dir={toy_dir}", f"paths.output_dir={out}", f"hydra.run.dir={out}/run", *extra,
     ]  # fmt: skip
+    load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -81,6 +87,7 @@ def run(tree: Path, out: Path, toy_dir: Path, limit: str, extra: list[str]) -> d
     samples = [json.loads(x) for x in (out / "run" / "samples.jsonl").read_text().splitlines()]
     return {
         "wall_s": wall,
+        "load_1m_at_start": load,
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "items": len(samples),
         "eval_s": res["seconds"],
@@ -90,6 +97,16 @@ def run(tree: Path, out: Path, toy_dir: Path, limit: str, extra: list[str]) -> d
         "generation_cache": res.get("generation_cache"),
         "responses": [(s["task"], s["question"], s["response"]) for s in samples],
     }
+
+
+def without_generations(cache: Path, dest: Path) -> None:
+    """Copy the generation cache `cache` to `dest` and delete its generations (keeping the rest)."""
+    dest.mkdir()
+    src = sqlite3.connect(cache / "generations.sqlite")
+    with sqlite3.connect(dest / "generations.sqlite") as db:
+        src.backup(db)
+        db.execute("DELETE FROM gen")
+    src.close()
 
 
 def main() -> None:
@@ -111,9 +128,12 @@ def main() -> None:
             "before": (tmp / "before_tree", []),
             "hf": (ROOT, ["decoder=hf", "generation_cache=null"]),
             "slots": (ROOT, [cache]),
+            "slots+refs": (ROOT, [f"generation_cache={tmp / 'refs'}"]),
             "slots+cache": (ROOT, [cache]),
         }
         for name, (tree, extra) in configs.items():
+            if name == "slots+refs":
+                without_generations(tmp / "cache", tmp / "refs")
             print(f"running {name} ...", flush=True)
             r = run(tree, tmp / name, toy, args.limit, extra)
             rows[name] = r.pop("responses")
@@ -121,6 +141,7 @@ def main() -> None:
     base = runs["before"]
     print(
         f"\n{'config':<12} {'wall s':>8} {'cpu s':>8} {'items/s':>8} {'x before':>9} {'same as before':>15}"
+        f" {'load':>5}"
     )
     for name, r in runs.items():
         r["items_per_s"] = r["items"] / r["wall_s"]
@@ -128,7 +149,8 @@ def main() -> None:
         r["cpu_ratio_vs_before"] = base["cpu_s"] / r["cpu_s"]
         r["identical_to_before"] = sum(a == b for a, b in zip(rows[name], rows["before"]))
         print(f"{name:<12} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['items_per_s']:8.2f} "
-              f"{r['speedup_vs_before']:8.2f}x {r['identical_to_before']:>7}/{r['items']}")  # fmt: skip
+              f"{r['speedup_vs_before']:8.2f}x {r['identical_to_before']:>7}/{r['items']} "
+              f"{r['load_1m_at_start']:5.1f}")  # fmt: skip
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "load_average_before_after": [load0, os.getloadavg()],

@@ -205,7 +205,7 @@ def test_reference_programs_run_beside_generation_feed_the_grader(toy_world):
     assert len(programs) == 4
     graders.run_program.cache_clear()
     runs = ReferenceRuns(programs, workers=2)
-    outputs = [f.result() for f in runs.futures]
+    outputs = [f.result() for f in runs.futures.values()]
     runs.close()
     assert graders.run_program.cache_info().misses == 4 and all(o is not None for o in outputs)
     answers = [f"```\n{o}```" for o in reversed(outputs)]  # futures run last document first
@@ -214,3 +214,55 @@ def test_reference_programs_run_beside_generation_feed_the_grader(toy_world):
     ]
     assert verdicts == [True] * 4
     assert graders.run_program.cache_info().misses == 4  # grading ran nothing new
+
+
+def test_reference_outputs_persist_in_the_store_and_grade_the_same(toy_world, tmp_path, monkeypatch):
+    """A later evaluation on the same store runs no reference program (the grader is handed the
+    stored outputs) and every verdict is unchanged; a program that failed is not stored; another
+    sandbox setup runs them again. Bugs planted: stored outputs not handed to the grader
+    (remember_outputs skipped) -> grading runs the sandbox again; the key without the sandbox
+    identity -> another interpreter reuses these outputs; failed runs stored as an output."""
+    from branchmerge.data.benchmarks import load_toy
+    from branchmerge.eval import prefetch
+    from branchmerge.eval.prefetch import ReferenceRuns, reference_programs
+    from branchmerge.verify import graders
+
+    docs = [load_toy("code", str(toy_world))["test"][i] for i in range(4)]
+    bad = "raise SystemExit(3)"
+    programs = reference_programs(docs) + [bad]
+    store = GenerationStore(tmp_path / "cache")
+
+    def fresh_process():
+        graders.run_program.cache_clear()
+        monkeypatch.setattr(graders, "_known_outputs", {})
+
+    def verdicts():
+        outs = [graders.run_program(json.loads(d["meta"])["program"]) for d in docs]
+        answers = [f"```\n{o}```" for o in outs]
+        return [
+            graders.grade_toy("code", a, d["answer"], json.loads(d["meta"])) for a, d in zip(answers, docs)
+        ]
+
+    fresh_process()
+    with ReferenceRuns(programs, workers=2, store=store) as first:
+        assert [f.result() is None for f in first.futures.values()] == [True, False, False, False, False]
+    want = verdicts()
+    assert want == [True] * 4 and first.stored == 0
+
+    fresh_process()
+
+    def no_sandbox(*a, **k):
+        raise AssertionError("a stored reference program ran again")
+
+    monkeypatch.setattr(graders, "run_python", no_sandbox)
+    with ReferenceRuns(programs, workers=2, store=store) as again:
+        assert list(again.futures) == [bad]  # only the failed one runs again (and fails here)
+    assert again.stored == 4 and verdicts() == want
+    monkeypatch.undo()
+
+    fresh_process()
+    other = prefetch.sandbox_identity() | {"interpreter": "/opt/other/python3"}
+    monkeypatch.setattr(prefetch, "sandbox_identity", lambda: other)
+    with ReferenceRuns(programs, workers=2, store=store) as elsewhere:
+        assert len(elsewhere.futures) == 5 and elsewhere.stored == 0
+        [f.result() for f in elsewhere.futures.values()]

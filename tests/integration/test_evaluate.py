@@ -104,14 +104,27 @@ def check_against_verifier(run: Path, toy_world: Path) -> dict:
 
 @pytest.mark.slow
 def test_toy_checkpoint_scores_and_agrees_with_the_toy_verifier(tmp_path, toy_world):
+    """Every verdict equals the toy verifier's, toy code included (its reference programs run beside
+    generation); a second evaluation on the same cache reuses the stored reference outputs and
+    grades the same. Bug planted: the grader handed stored outputs under the wrong program (keys of
+    the reference store shifted by one) -> code verdicts disagree with the verifier."""
     assert (TOY_BASE / "model.safetensors").exists(), "the shipped toy base is missing"
+    code = "{name: toy_code, n: 1, temperature: 0.0, top_p: 1.0, max_gen_toks: 320, limit: 24}"
     tasks = (
         "[{name: toy_math, n: 1, temperature: 0.0, top_p: 1.0, max_gen_toks: 320, limit: 48},"
-        "{name: toy_science, n: 2, temperature: 0.6, top_p: 0.95, max_gen_toks: 320, limit: 24}]"
+        f"{code},{{name: toy_science, n: 2, temperature: 0.6, top_p: 0.95, max_gen_toks: 320, limit: 24}}]"
     )
+    run = tmp_path / "eval" / "toy_base_toy"
     run_eval(tmp_path, TOY_BASE, f"eval.tasks={tasks}", f"toy_dir={toy_world}", "batch_size=48")
-    res = check_against_verifier(tmp_path / "eval" / "toy_base_toy", toy_world)
-    assert res["tasks"]["toy_science"]["pass@1"] > 0
+    res = check_against_verifier(run, toy_world)
+    assert res["tasks"]["toy_science"]["pass@1"] > 0 and res["tasks"]["toy_code"]["pass@1"] > 0
+    first = (run / "samples.jsonl").read_text().splitlines()
+    run_eval(tmp_path, TOY_BASE, f"eval.tasks=[{code}]", f"toy_dir={toy_world}", "batch_size=48")
+    again = check_against_verifier(run, toy_world)
+    lines = (toy_world / "data" / "code" / "test.jsonl").read_text().splitlines()[:24]
+    programs = {json.loads(x)["metadata"]["program"] for x in lines}
+    assert again["generation_cache"]["reference_outputs_reused"] == len(programs) > 20
+    assert (run / "samples.jsonl").read_text().splitlines() == [x for x in first if '"toy_code"' in x]
 
 
 PAPER_TABLE1 = {
