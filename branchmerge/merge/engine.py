@@ -33,7 +33,8 @@ from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWrit
 from branchmerge.merge.provenance import provenance
 from branchmerge.merge.recipe import LAYER, Step, layer_fraction, step_params
 from branchmerge.merge.slices import TensorPlan, plain_layout, slice_step, sliced_layout
-from branchmerge.merge.vocab import Vocabulary, is_vocab_tensor
+from branchmerge.merge.vocab import build as build_vocabulary
+from branchmerge.merge.vocab import is_vocab_tensor
 
 log = logging.getLogger(__name__)
 SKIP_COPY = {".safetensors", ".bin", ".pt", ".pth"}
@@ -193,7 +194,7 @@ class Merger:
             for n, p in models.items()
             if n in used - step_names or n == options.copy_files_from
         }
-        self.vocab = Vocabulary(tokenizer, self.ckpts) if tokenizer else None
+        self.vocab = build_vocabulary(tokenizer, self.ckpts)
         vocab_names = set()
         if self.vocab is not None and not self.vocab.identity:
             vocab_names = {n for ck in self.ckpts.values() for n in ck.info if is_vocab_tensor(n)}

@@ -227,6 +227,18 @@ class Vocabulary:
         self.tokenizer.save_pretrained(str(folder))
 
 
+def build(spec: dict[str, Any] | None, ckpts: dict[str, Checkpoint]) -> Vocabulary | None:
+    """The output vocabulary `spec` asks for; None when there is nothing to re-index (no spec, or no
+    input has a tokenizer and every input has the same rows: the copied files stay)."""
+    if not spec:
+        return None
+    plain = not spec.get("tokens") and not spec.get("pad_to_multiple_of")
+    no_files = not any(has_tokenizer(ck.path) for ck in ckpts.values())
+    if plain and no_files and len({_rows(ck) for ck in ckpts.values()}) == 1:
+        return None
+    return Vocabulary(spec, ckpts)
+
+
 def _copy(tok):
     """A fresh copy of a tokenizer (adding tokens must not change the source's)."""
     from transformers import AutoTokenizer
