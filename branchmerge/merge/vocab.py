@@ -176,7 +176,8 @@ class Vocabulary:
             t = tensors[m]
             o = torch.zeros((self.rows, *t.shape[1:]), dtype=dtype, device=t.device)
             keep = present[i] & ~self.forced
-            o[keep] = t[perm[i][keep]].to(dtype)
+            rows = keep.nonzero().flatten()
+            o[rows] = t[perm[i][rows]].to(dtype)
             own = keep[need]
             o[need[~own]] = fill[~own]
             if self.rows > n:

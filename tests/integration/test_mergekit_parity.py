@@ -47,6 +47,26 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def _ours(name: str, inputs: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Our merge of run `name`'s YAML; vocabulary tensors' rows put in mergekit's token order (by
+    token string, from out/<run>.vocab.json) so that rows are compared token by token."""
+    out = _merge(name, inputs, tmp_path)
+    ours = load_file(out / "model.safetensors")
+    theirs_vocab = FIX / "out" / f"{name}.vocab.json"
+    if theirs_vocab.is_file():
+        from transformers import AutoTokenizer
+
+        mine, theirs = (
+            AutoTokenizer.from_pretrained(str(out)).get_vocab(),
+            json.loads(theirs_vocab.read_text()),
+        )
+        assert set(mine) == set(theirs), f"{name}: output vocabularies differ: {set(mine) ^ set(theirs)}"
+        order = torch.tensor([mine[t] for t, _ in sorted(theirs.items(), key=lambda kv: kv[1])])
+        for k in [k for k in ours if k.endswith(("embed_tokens.weight", "lm_head.weight"))]:
+            ours[k] = torch.cat([ours[k][order], ours[k][len(order) :]])
+    return ours
+
+
+def _merge(name: str, inputs: Path, tmp_path: Path) -> Path:
     from branchmerge.merge.run import run
 
     run_ = RUNS[name]
@@ -59,7 +79,7 @@ def _ours(name: str, inputs: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
         run_dir=tmp_path / "run",
     )
     run(cfg)
-    return load_file(out / "model.safetensors")
+    return out
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,6 +121,10 @@ def test_deterministic_methods_match_mergekit(name, inputs, tmp_path):
         worst = max(worst, _relative(a, b) if b.numel() else 0.0)
     print(f"{name}: max relative difference {worst:.2e}")
     assert worst <= TOLERANCE, f"{name}: {worst:.3g} > {TOLERANCE}"
+    for k in theirs:
+        assert ours[k].shape == theirs[k].shape, (
+            f"{name}: '{k}' {list(ours[k].shape)} vs {list(theirs[k].shape)}"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(n for n, r in RUNS.items() if r["kind"] == "random"))
