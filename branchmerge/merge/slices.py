@@ -152,19 +152,20 @@ def _check_sources(
     sources: dict[str, str],
     where: str,
     problems: list[str],
-    rows_may_differ=False,
+    rows_may_differ: bool = False,
 ) -> None:
     """Every source tensor exists, with the first source's shape (past the first dim: vocabularies)."""
-    m0, n0 = next(iter(sources.items()))
-    shape0 = ckpts[m0].info[n0].shape
+    found = {m: ckpts[m].info[n] for m, n in sources.items() if n in ckpts[m].info}
     for m, n in sources.items():
-        info = ckpts[m].info.get(n)
-        if info is None:
+        if m not in found:
             problems.append(f"{where}: {ckpts[m].path} has no tensor '{n}'")
-        elif (info.shape[1:] if rows_may_differ else info.shape) != (
-            shape0[1:] if rows_may_differ else shape0
-        ):
+    if not found:
+        return
+    m0, info0 = next(iter(found.items()))
+    cut = 1 if rows_may_differ else 0
+    for m, info in found.items():
+        if info.shape[cut:] != info0.shape[cut:]:
             problems.append(
-                f"{where}: {info.file}: tensor '{n}' has shape {list(info.shape)}, "
-                f"'{n0}' of {m0} has {list(shape0)}"
+                f"{where}: {info.file}: tensor '{sources[m]}' has shape {list(info.shape)}, "
+                f"'{sources[m0]}' of {m0} has {list(info0.shape)}"
             )
