@@ -1,7 +1,10 @@
 """The streaming merge engine: validate everything, then one pass over tensor names.
 
-For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
-tensor only, each by the block executor (`branchmerge.merge.executor`: a method's stats, then its
+Which tensors the output has and where each comes from is a layout (`branchmerge.merge.slices`: output
+name -> steps, each model's source tensor, depth; the identity for a plain recipe, layer stacking for
+a step with `slices`), and inputs whose vocabularies differ are re-indexed to the output vocabulary
+first (`branchmerge.merge.vocab`). For each output tensor (in file order) the steps are evaluated for
+that tensor only, each by the block executor (`branchmerge.merge.executor`: a method's stats, then its
 apply over cache-sized blocks of rows, inputs memory-mapped and cast block by block, outputs checked
 finite and rounded to the output dtype block by block). The executor's one thread pool runs
 everything: tensors of up to `chunk_elements` entries are evaluated whole, one per task, several at a
