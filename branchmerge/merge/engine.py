@@ -1,7 +1,10 @@
 """The streaming merge engine: validate everything, then one pass over tensor names.
 
-For each tensor name (in the first input's file order) the recipe's steps are evaluated for that
-tensor only, each by the block executor (`branchmerge.merge.executor`: a method's stats, then its
+Which tensors the output has and where each comes from is a layout (`branchmerge.merge.slices`: output
+name -> steps, each model's source tensor, depth; the identity for a plain recipe, layer stacking for
+a step with `slices`), and inputs whose vocabularies differ are re-indexed to the output vocabulary
+first (`branchmerge.merge.vocab`). For each output tensor (in file order) the steps are evaluated for
+that tensor only, each by the block executor (`branchmerge.merge.executor`: a method's stats, then its
 apply over cache-sized blocks of rows, inputs memory-mapped and cast block by block, outputs checked
 finite and rounded to the output dtype block by block). The executor's one thread pool runs
 everything: tensors of up to `chunk_elements` entries are evaluated whole, one per task, several at a
@@ -31,7 +34,10 @@ from branchmerge.foundation import atomic_dir
 from branchmerge.merge.executor import Context, make_pool, run_method
 from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWriter
 from branchmerge.merge.provenance import provenance
-from branchmerge.merge.recipe import Step, layer_fraction, step_params
+from branchmerge.merge.recipe import LAYER, Step, layer_fraction, step_params
+from branchmerge.merge.slices import TensorPlan, plain_layout, slice_step, sliced_layout
+from branchmerge.merge.vocab import build as build_vocabulary
+from branchmerge.merge.vocab import is_vocab_tensor
 
 log = logging.getLogger(__name__)
 SKIP_COPY = {".safetensors", ".bin", ".pt", ".pth"}
@@ -59,20 +65,46 @@ ARCH_KEYS = (
 MergeOptions = MergeOptionsConfig
 
 
-def validate_inputs(ckpts: dict[str, Checkpoint]) -> list[str]:
-    """Same architecture, tensor names, shapes, vocabulary and embedding tying; returns the names."""
+VOCAB_HINT = (
+    " (vocabularies differ: keep the padded Qwen vocabulary in every branch, or give the merge an output "
+    "vocabulary: `tokenizer_source: union | base | <model>` in a mergekit YAML)"
+)
+
+
+def _refs(step: Step) -> list[str]:
+    """Every name a step reads (its slices' sources too)."""
+    if step.slices is not None:
+        return [r for sl in step.slices for r in sl.ranges]
+    return [i.ref for i in step.inputs] + ([step.base] if step.base else [])
+
+
+def validate_inputs(
+    ckpts: dict[str, Checkpoint], ignore: set[str] = frozenset(), layers_may_differ: bool = False
+) -> list[str]:
+    """Same architecture, tensor names, shapes, vocabulary and embedding tying; returns the names.
+    `ignore`: tensors whose rows are re-indexed (vocab_size may differ too); `layers_may_differ`:
+    slices pick layers by index, so the layer count and layer tensors are checked by the layout."""
     problems: list[str] = []
     ref_name, ref = next(iter(ckpts.items()))
+    skip = {"vocab_size"} if ignore else set()
+    skip |= {"num_hidden_layers"} if layers_may_differ else set()
+
+    def compared(ck: Checkpoint) -> set[str]:
+        return {n for n in ck.info if n not in ignore and not (layers_may_differ and LAYER.search(n))}
+
     for _name, ck in ckpts.items():
         for key in ARCH_KEYS:
             a, b = ref.config.get(key), ck.config.get(key)
             if key == "tie_word_embeddings":
                 a, b = bool(a), bool(b)
-            if a != b:
+            if a != b and key not in skip:
                 what = "tied vs untied embeddings" if key == "tie_word_embeddings" else key
-                problems.append(f"{ck.path}/config.json: {what} differs from {ref_name} ({b!r} vs {a!r})")
-        missing = sorted(set(ref.info) - set(ck.info))
-        extra = sorted(set(ck.info) - set(ref.info))
+                hint = VOCAB_HINT if key == "vocab_size" else ""
+                problems.append(
+                    f"{ck.path}/config.json: {what} differs from {ref_name} ({b!r} vs {a!r}){hint}"
+                )
+        mine, theirs = compared(ck), compared(ref)
+        missing, extra = sorted(theirs - mine), sorted(mine - theirs)
         if missing:
             problems.append(
                 f"{ck.path}: tensor '{missing[0]}' (of {ref_name}) is missing"
@@ -83,16 +115,18 @@ def validate_inputs(ckpts: dict[str, Checkpoint]) -> list[str]:
                 f"{ck.path}: tensor '{extra[0]}' is not in {ref_name}"
                 + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
             )
-        for t in sorted(set(ref.info) & set(ck.info)):
+        for t in sorted(mine & theirs):
             if ref.info[t].shape != ck.info[t].shape:
-                hint = (
-                    " (vocabularies differ: keep the padded Qwen vocabulary in every branch)"
-                    if ("embed" in t or "lm_head" in t)
-                    else ""
-                )
+                hint = VOCAB_HINT if ("embed" in t or "lm_head" in t) else ""
                 problems.append(
                     f"{ck.info[t].file}: tensor '{t}' has shape {list(ck.info[t].shape)}, "
                     f"{ref_name} has {list(ref.info[t].shape)}{hint}"
+                )
+        for t in sorted(ignore & set(ck.info) & set(ref.info)):
+            if ref.info[t].shape[1:] != ck.info[t].shape[1:]:
+                problems.append(
+                    f"{ck.info[t].file}: tensor '{t}' rows have shape {list(ck.info[t].shape[1:])}, "
+                    f"{ref_name}'s {list(ref.info[t].shape[1:])}"
                 )
     if problems:
         raise CheckpointError("inputs cannot be merged:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -146,19 +180,35 @@ def _reuse_freed_memory() -> None:
 
 
 class Merger:
-    def __init__(self, models: dict[str, Path], steps: list[Step], options: MergeOptions) -> None:
+    def __init__(
+        self,
+        models: dict[str, Path],
+        steps: list[Step],
+        options: MergeOptions,
+        tokenizer: dict[str, Any] | None = None,
+    ) -> None:
         _reuse_freed_memory()
         self.steps, self.opt = steps, options
-        used = {i.ref for s in steps for i in s.inputs} | {s.base for s in steps if s.base}
+        sliced = steps[-1].slices is not None
+        used = {r for s in steps for r in _refs(s)}
         step_names = {s.name for s in steps}
         self.ckpts = {
             n: Checkpoint(p)
             for n, p in models.items()
             if n in used - step_names or n == options.copy_files_from
         }
-        self.names = validate_inputs(self.ckpts)
-        first = next(iter(self.ckpts.values()))
-        self.n_layers = first.config.get("num_hidden_layers")
+        self.vocab = build_vocabulary(tokenizer, self.ckpts)
+        vocab_names = set()
+        if self.vocab is not None and not self.vocab.identity:
+            vocab_names = {n for ck in self.ckpts.values() for n in ck.info if is_vocab_tensor(n)}
+        names = validate_inputs(self.ckpts, ignore=vocab_names, layers_may_differ=sliced)
+        if sliced:
+            self.layout = sliced_layout(steps[-1], self.ckpts, vocab_names)
+            self.steps = [slice_step(steps[-1], sl) for sl in steps[-1].slices]
+        else:
+            self.layout = plain_layout(steps, self.ckpts, names)
+        self.names, self.n_layers = self.layout.names, self.layout.n_layers
+        self.vocab_names = vocab_names
         self.compute = BY_NAME[options.compute_dtype]
         self.device = torch.device(options.device)
         self.importance: dict[str, _Importance] = {}
@@ -173,36 +223,54 @@ class Merger:
         self.by_name = {s.name: s for s in steps}
         self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The output tensor's shape: its first source's, with the output vocabulary's rows."""
+        m, src = self.layout.plans[name].first
+        shape = self.ckpts[m].info[src].shape
+        return (self.vocab.rows, *shape[1:]) if name in self.vocab_names else shape
+
     # ---- computing -------------------------------------------------------------------------------
+    def _read(self, name: str, plan: TensorPlan) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Each model's source tensor of one output tensor (vocabulary tensors re-indexed), and labels."""
+        values = {m: self.ckpts[m].tensor(src).to(self.device) for m, src in plan.sources.items()}
+        labels = {m: str(self.ckpts[m].info[src].file) for m, src in plan.sources.items()}
+        if name in self.vocab_names:
+            base = plan.steps[-1].base or self.vocab.base
+            values = self.vocab.align(values, base, self.compute)
+        return values, labels
+
     def _evaluate(self, name: str, pool) -> tuple[dict[str, torch.Tensor], list[Future]]:
         """Every step for one tensor: the outputs to write (final and saved steps) and the futures of
         the final step's blocks still running on `pool` (none when `pool` is None: all done here)."""
-        values = {m: ck.tensor(name).to(self.device) for m, ck in self.ckpts.items()}
-        labels = {m: str(ck.info[name].file) for m, ck in self.ckpts.items()}
-        layer = layer_fraction(name, self.n_layers)
+        plan = self.layout.plans[name]
+        values, labels = self._read(name, plan)
+        layer = plan.t if plan.t is not None else layer_fraction(name, self.n_layers)
         running: list[Future] = []
-        for step in self.steps:
-            last = step is self.steps[-1]
+        for step in plan.steps:
+            last = step is plan.steps[-1]
             refs = [i.ref for i in step.inputs] + ([step.base] if step.base else [])
             sources = [(labels.get(r, f"step '{r}'"), values[r]) for r in refs]
             importance = None
             if step.method.needs_importance:
                 files = [self.importance[i.ref] for i in step.inputs]
-                importance = [f.tensor(name).to(self.device) for f in files]
+                importance = [
+                    f.tensor(plan.sources[i.ref]).to(self.device) for f, i in zip(files, step.inputs)
+                ]
                 sources += [(str(f.path), t) for f, t in zip(files, importance)]
             ctx = Context(
                 view=step.method.view,
                 models=[values[i.ref] for i in step.inputs],
                 base=values[step.base] if step.base else None,
-                params=step_params(step, name, self.n_layers),
+                params=step_params(step, name, self.n_layers, plan.t),
                 dtype=self.compute,
                 name=name,
                 layer=layer,
                 importance=importance,
                 pool=pool,
             )
-            shape = next(iter(self.ckpts.values())).info[name].shape
-            out = torch.empty(shape, dtype=self.out_dtype[name] if last else self.compute, device=self.device)
+            out = torch.empty(
+                self.shape(name), dtype=self.out_dtype[name] if last else self.compute, device=self.device
+            )
             futures = run_method(step.method, ctx, out, sources, check=self.opt.check_finite)
             if last:
                 running = futures
@@ -215,12 +283,8 @@ class Merger:
     # ---- the pass --------------------------------------------------------------------------------
     def run(self, output_dir: Path, recipe: dict, chat_template: str | None = None) -> dict:
         t0 = time.time()
-        first = next(iter(self.ckpts.values()))
-        self.out_dtype = out_dtype = {
-            n: (BY_NAME[self.opt.out_dtype] if self.opt.out_dtype else first.info[n].dtype)
-            for n in self.names
-        }
-        plan = [(n, first.info[n].shape, out_dtype[n]) for n in self.names]
+        self.out_dtype = out_dtype = {n: self._out_dtype(n) for n in self.names}
+        plan = [(n, self.shape(n), out_dtype[n]) for n in self.names]
         saved = [s for s in self.steps[:-1] if s.save]
         self.outputs = [self.steps[-1].name] + [s.name for s in saved]
         total_bytes = sum(math.prod(s) * d.itemsize for _, s, d in plan)
@@ -257,7 +321,6 @@ class Merger:
         `chunk_elements` entries are one task each, at most `workers` in flight; a larger one starts
         when nothing else is in flight (so at most two large outputs are held: one computing, one being
         written). Only this thread waits on the pool, so no task ever waits on another."""
-        first = next(iter(self.ckpts.values()))
         inflight: deque = deque()  # (name, a function that waits and returns the outputs)
         pending: Future | None = None  # the write in progress: at most one output waits for the disk
         pool = make_pool(self.workers)
@@ -274,7 +337,7 @@ class Merger:
 
         try:
             for name in self.names:
-                small = self.workers > 1 and math.prod(first.info[name].shape) <= self.opt.chunk_elements
+                small = self.workers > 1 and math.prod(self.shape(name)) <= self.opt.chunk_elements
                 while inflight and (len(inflight) >= self.workers or not small):
                     hand_over()
                 if small:
@@ -291,6 +354,12 @@ class Merger:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
 
+    def _out_dtype(self, name: str) -> torch.dtype:
+        if self.opt.out_dtype:
+            return BY_NAME[self.opt.out_dtype]
+        m, src = self.layout.plans[name].first
+        return self.ckpts[m].info[src].dtype
+
     def _write(self, writers: dict[str, ShardWriter], name: str, outs: dict, bar) -> None:
         """Append the outputs (in the writer thread: overlaps the next merges)."""
         outs = {s: t.to(self.out_dtype[name]).cpu() for s, t in outs.items()}  # saved steps: compute dtype
@@ -306,7 +375,7 @@ class Merger:
                     f"{sorted(self.ckpts)}"
                 )
             return self.ckpts[self.opt.copy_files_from]
-        last = self.steps[-1]
+        last = self.steps[-1] if self.steps[-1].slices is None else self.steps[0]
         ref = last.base or last.inputs[0].ref
         while ref in self.by_name:
             s = self.by_name[ref]
@@ -315,14 +384,22 @@ class Merger:
 
     def _describe(self, folder: Path, chat_template: str | None) -> None:
         """The copied config.json states the written dtype (`torch_dtype`/`dtype`) when out_dtype is
-        set; tokenizer_config.json gets `chat_template` when one is given (a mergekit YAML's)."""
+        set, and the layout's layer count / layer_types and the output vocabulary's size; a built
+        tokenizer replaces the copied one; tokenizer_config.json gets `chat_template` when one is
+        given (a mergekit YAML's)."""
         cfg = folder / "config.json"
-        if self.opt.out_dtype and cfg.is_file():
+        if self.vocab is not None and not self.vocab.identity:
+            self.vocab.save(folder)
+        updates = dict(self.layout.config)
+        if self.vocab_names:
+            updates["vocab_size"] = self.vocab.rows
+        if self.opt.out_dtype:
+            updates["torch_dtype"] = self.opt.out_dtype
+        if updates and cfg.is_file():
             data = json.loads(cfg.read_text())
-            for key in ("torch_dtype", "dtype"):
-                if key in data or key == "torch_dtype":
-                    data[key] = self.opt.out_dtype
-            cfg.write_text(json.dumps(data, indent=2) + "\n")
+            if "dtype" in data and "torch_dtype" in updates:
+                data["dtype"] = updates["torch_dtype"]
+            cfg.write_text(json.dumps({**data, **updates}, indent=2) + "\n")
         if chat_template is not None:
             tok = folder / "tokenizer_config.json"
             data = json.loads(tok.read_text()) if tok.is_file() else {}
@@ -352,7 +429,10 @@ def merge(
     options: MergeOptions | None = None,
     recipe: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> dict:
     """Validate, then stream the merge into `output_dir` (atomic). Returns the provenance record.
-    `chat_template`: written into the output's tokenizer_config.json (None: the copied one stays)."""
-    return Merger(models, steps, options or MergeOptions()).run(Path(output_dir), recipe or {}, chat_template)
+    `chat_template`: written into the output's tokenizer_config.json (None: the copied one stays);
+    `tokenizer`: the output vocabulary and row mapping (`branchmerge.merge.vocab`; None: inputs share one)."""
+    merger = Merger(models, steps, options or MergeOptions(), tokenizer)
+    return merger.run(Path(output_dir), recipe or {}, chat_template)

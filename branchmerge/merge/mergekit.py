@@ -13,8 +13,13 @@ out_dtype, tokenizer_source, chat_template) into our recipe, with mergekit's mea
 - parameters the YAML omits take mergekit's defaults where ours differ (`DEFAULTS`: dare_ties does
   not normalise in mergekit); gradients (lists) and `filter` lists map to our depth lists and
   module-name patterns.
-- `tokenizer_source` / `tokenizer.source`: `base` or a model copies that model's tokenizer files;
-  `chat_template`: a Jinja template, `auto` (the inputs' most common one) or a model's name.
+- `slices` (layer stacking): each slice's `sources` (model, layer_range, parameters) become one slice of
+  the step (`branchmerge.merge.slices`); the base model is the source that is `base_model` (slice or
+  top level), so a method that needs one must list it among the slice's sources, as in mergekit.
+- `tokenizer_source` / `tokenizer: {source, tokens, pad_to_multiple_of}` (`union`, `base`, a model):
+  the output vocabulary, each input's embedding rows re-indexed to it (`branchmerge.merge.vocab`);
+  config.json and the remaining files come from the base (else the first model).
+- `chat_template`: a Jinja template, `auto` (the inputs' most common one) or a model's name.
 Anything else is a clear error rather than a silently different merge.
 """
 
@@ -82,7 +87,9 @@ KEYS = {
     "tokenizer",
     "chat_template",
     "name",
+    "slices",
 }
+SLICE_KEYS = {"sources", "base_model", "parameters"}
 
 
 def supported() -> list[str]:
@@ -159,28 +166,88 @@ def _inputs(cfg: dict, method: str, path: Path) -> tuple[dict[str, str], list[An
     return models, inputs, base_entry
 
 
-def _tokenizer_source(cfg: dict, path: Path) -> str | None:
-    """The model whose tokenizer (and config files) the output gets, or None for the default."""
-    tok = cfg.get("tokenizer_source")
+def _token_rule(raw: Any, where: str) -> dict[str, Any]:
+    """A `tokenizer.tokens` entry with its model paths as our model names."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a token's entry is {{source: ..., force: bool}}, got {raw!r}")
+    src = raw.get("source")
+    if isinstance(src, dict):
+        src = {**src, **({"model": _name(str(src["model"]))} if "model" in src else {})}
+    elif src is not None:
+        src = _name(str(src))
+    return {"source": src, "force": bool(raw.get("force", False))}
+
+
+def _tokenizer(cfg: dict, models: dict[str, str], path: Path) -> dict[str, Any] | None:
+    """`tokenizer_source` / `tokenizer:` -> our spec (`branchmerge.merge.vocab`), or None."""
     block = cfg.get("tokenizer")
-    if isinstance(block, dict):
-        tok = block.get("source", tok)
-        if block.get("tokens"):
-            raise RecipeError(f"{path}: `tokenizer.tokens` (per-token embedding sources) is not supported")
-    if tok == "union":
-        raise RecipeError(
-            f"{path}: tokenizer_source 'union' is not supported: every branch must share one "
-            "vocabulary; use tokenizer_source: base (or a model's path)"
-        )
+    if cfg.get("tokenizer_source") is not None and block is not None:
+        raise RecipeError(f"{path}: give `tokenizer_source` or `tokenizer:`, not both (as mergekit)")
+    if block is None and cfg.get("tokenizer_source") is None:
+        return None
+    if block is not None and not isinstance(block, dict):
+        raise RecipeError(f"{path}: `tokenizer:` is a mapping {{source, tokens, pad_to_multiple_of}}")
+    block = block or {"source": cfg["tokenizer_source"]}
+    unknown = set(block) - {"source", "tokens", "pad_to_multiple_of"}
+    if unknown:
+        raise RecipeError(f"{path}: unsupported `tokenizer:` keys {sorted(unknown)}")
+    source = str(block.get("source", "union"))  # mergekit's default for a `tokenizer:` block
     base = cfg.get("base_model")
-    if tok in (None, "base"):
-        return _name(str(base)) if base is not None else None
-    return _name(str(tok))
+    return {
+        "source": source if source in ("union", "base") else _name(source),
+        "base": _name(str(base)) if base is not None else next(iter(models)),
+        "tokens": {
+            str(t): _token_rule(r, f"{path}: tokenizer.tokens.{t}")
+            for t, r in (block.get("tokens") or {}).items()
+        },
+        "pad_to_multiple_of": block.get("pad_to_multiple_of"),
+    }
+
+
+def _slices(cfg: dict, method: str, path: Path) -> tuple[dict[str, str], list[dict]]:
+    """mergekit `slices:` -> (models by name, our step's slices). The slice's base (its own
+    `base_model`, else the top-level one) is the source that names it; linear and slerp take it as
+    their first input."""
+    models: dict[str, str] = {}
+    out = []
+    for k, raw in enumerate(cfg.get("slices") or []):
+        where = f"{path}: slices[{k}]"
+        unknown = set(raw or {}) - SLICE_KEYS
+        if unknown:
+            raise RecipeError(
+                f"{where}: unsupported keys {sorted(unknown)} (supported: {sorted(SLICE_KEYS)})"
+            )
+        base = raw.get("base_model", cfg.get("base_model"))
+        inputs, base_entry = [], None
+        for src in raw.get("sources") or []:
+            if "model" not in src or "layer_range" not in src:
+                raise RecipeError(f"{where}: every source needs `model` and `layer_range` ({src})")
+            models[_name(str(src["model"]))] = str(src["model"])
+            entry = {"model": _name(str(src["model"])), "layer_range": list(src["layer_range"])}
+            entry.update(_params(src.get("parameters")))
+            if base is not None and str(src["model"]) == str(base):
+                base_entry = entry
+            else:
+                inputs.append(entry)
+        if base_entry is not None and method in BASE_IS_INPUT:
+            inputs.insert(0, base_entry)
+            base_entry = None
+        if base_entry is None and METHODS[method].needs_base:
+            raise RecipeError(
+                f"{where}: {method} needs the base model among the slice's sources (base_model: {base})"
+            )
+        sl: dict[str, Any] = {"inputs": inputs, "params": _params(raw.get("parameters"))}
+        if base_entry is not None:
+            sl["base"] = {"model": base_entry["model"], "layer_range": base_entry["layer_range"]}
+        out.append(sl)
+    if not out:
+        raise RecipeError(f"{path}: `slices:` is empty")
+    return models, out
 
 
 def from_mergekit(path: str | Path) -> dict[str, Any]:
     """{'models': {name: path}, 'steps': [one step], 'compute_dtype', 'out_dtype', 'copy_files_from',
-    'chat_template'} (dtypes None = the stored dtype; see the module docstring)."""
+    'chat_template', 'tokenizer'} (dtypes None = the stored dtype; see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"mergekit config {path} does not exist")
@@ -188,15 +255,19 @@ def from_mergekit(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise RecipeError(f"{path}: a mergekit config is a mapping (merge_method, models, ...)")
     method = _check_method(cfg.get("merge_method"), path)
-    if "slices" in cfg:
-        raise RecipeError(
-            f"{path}: `slices` are not supported; use `models:` (with per-module patterns via "
-            "`filter` in parameters)"
-        )
     unknown = set(cfg) - KEYS
     if unknown:
         raise RecipeError(f"{path}: unsupported mergekit keys {sorted(unknown)}")
-    models, inputs, _ = _inputs(cfg, method, path)
+    if bool(cfg.get("slices")) == bool(cfg.get("models")):
+        raise RecipeError(f"{path}: give exactly one of `models:` and `slices:` (as mergekit)")
+    if cfg.get("slices"):
+        models, slices = _slices(cfg, method, path)
+        if cfg.get("base_model") is not None:
+            models.setdefault(_name(str(cfg["base_model"])), str(cfg["base_model"]))
+        inputs = []
+    else:
+        models, inputs, _ = _inputs(cfg, method, path)
+        slices = None
     ours = METHODS[method]
     known = set(ours.global_params) | set(ours.model_params)
     defaults = {k: v for k, v in DEFAULTS.get(method, {}).items() if k in known}
@@ -207,16 +278,25 @@ def from_mergekit(path: str | Path) -> dict[str, Any]:
         "params": {**defaults, **_params(cfg.get("parameters"))},
     }
     base = cfg.get("base_model")
-    if base is not None and method not in BASE_IS_INPUT:
+    if slices is not None:
+        del step["inputs"]
+        step["slices"] = slices
+    elif base is not None and method not in BASE_IS_INPUT:
         step["base"] = _name(str(base))
     compute = _dtype(cfg, "dtype", path)
+    tokenizer = _tokenizer(cfg, models, path)
+    files_from = _name(str(base)) if base is not None else None
+    if tokenizer is not None and tokenizer["source"] not in ("union", "base"):
+        files_from = tokenizer["source"]
+        models.setdefault(files_from, str(cfg.get("tokenizer_source") or cfg["tokenizer"]["source"]))
     return {
         "models": models,
         "steps": [step],
         "compute_dtype": compute,
         "out_dtype": _dtype(cfg, "out_dtype", path) or compute,
-        "copy_files_from": _tokenizer_source(cfg, path),
+        "copy_files_from": files_from,
         "chat_template": cfg.get("chat_template"),
+        "tokenizer": tokenizer,
     }
 
 

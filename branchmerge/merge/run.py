@@ -4,6 +4,7 @@ Dtypes: a recipe computes in `options.compute_dtype` (conf/merge.yaml: float32) 
 `options.out_dtype` (null: each tensor's stored dtype). A mergekit YAML sets both with mergekit's
 meaning (`branchmerge.merge.mergekit`): its `dtype` replaces `options.compute_dtype` (no `dtype`:
 the inputs' stored dtype), its `out_dtype` (default `dtype`) fills an unset `options.out_dtype`.
+Its `slices` become a sliced step; its `tokenizer_source` / `tokenizer:` the recipe's `tokenizer`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 def _stored_dtype(models: dict[str, Path], step: dict) -> str:
     """The dtype name of the first tensor of the step's base (else first input): what mergekit
     computes in when its YAML gives no `dtype`."""
-    first = step.get("base") or next(i if isinstance(i, str) else i["model"] for i in step["inputs"])
+    inputs = step["slices"][0]["inputs"] if step.get("slices") else step["inputs"]
+    first = step.get("base") or next(i if isinstance(i, str) else i["model"] for i in inputs)
     ck = Checkpoint(models[first])
     stored = ck.info[ck.names[0]].dtype
     return next(k for k, v in BY_NAME.items() if v == stored)
@@ -37,7 +39,7 @@ def _stored_dtype(models: dict[str, Path], step: dict) -> str:
 def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOptions, dict]:
     c = OmegaConf.to_container(cfg, resolve=True)
     opts = dict(c["options"])
-    template = None
+    template = tokenizer = None
     if c.get("from_mergekit"):
         mk = from_mergekit(c["from_mergekit"])
         models = {k: Path(v) for k, v in mk["models"].items()}
@@ -51,6 +53,7 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
             opts["out_dtype"] or "as stored",
         )
         template = pick_chat_template(str(mk["chat_template"]), models) if mk["chat_template"] else None
+        tokenizer = mk["tokenizer"]
     elif c["steps"]:
         models, raw_steps = model_paths(c["models"], []), c["steps"]
     else:
@@ -76,6 +79,8 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
     recipe = {"models": {k: str(v) for k, v in models.items()}, "steps": raw_steps, "options": opts}
     if template:
         recipe["chat_template"] = template  # written into the output's tokenizer_config.json
+    if tokenizer:
+        recipe["tokenizer"] = tokenizer  # the output vocabulary (branchmerge.merge.vocab)
     return models, steps, MergeOptions(**opts), recipe
 
 
@@ -108,6 +113,8 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
             log.info("%s already holds this merge of these inputs (overwrite=true merges again)", out)
             return old
         log.info("%s is from another recipe or other inputs; merging again", out)
-    record = merge(models, steps, out, options, recipe, chat_template=recipe.get("chat_template"))
+    record = merge(
+        models, steps, out, options, recipe, recipe.get("chat_template"), tokenizer=recipe.get("tokenizer")
+    )
     log.info("merged model: %s (%.1fs)", out, record["seconds"])
     return record

@@ -519,3 +519,53 @@ def test_fisher_merge_with_importance_estimated_on_a_calibration_set(picos, tmp_
             tmp_path / "out2",
             _opts(),
         )
+
+
+def test_recipe_slices_stack_layers_renumbered_and_the_output_generates(picos, tmp_path):
+    """A recipe step with `slices` (no mergekit YAML): output layers = math's 0-1, then code's 1
+    (scaled 0.5 in o_proj only), each tensor bit-equal to its source layer's; embeddings from the
+    first slice's model, final norm / lm_head from the last's; the output loads and generates with
+    transformers. Guards against layers not renumbered or taken from the wrong source index (planted:
+    the source index a + i read as the output index k: layer 2 came from code's layer 2, absent) and
+    bad slices accepted (each problem of a bad recipe named)."""
+    from transformers import AutoModelForCausalLM
+
+    steps = _steps(
+        [
+            {
+                "name": "stacked",
+                "method": "passthrough",
+                "slices": [
+                    {"inputs": [{"model": "math", "layer_range": [0, 2]}]},
+                    {
+                        "inputs": [
+                            {"model": "code", "layer_range": [1, 2], "scale": {"o_proj": 0.5, "default": 1.0}}
+                        ]
+                    },
+                ],
+            }
+        ]
+    )
+    out = tmp_path / "stacked"
+    merge({k: picos[k] for k in ("math", "code")}, steps, out, _opts())
+    got = load_file(out / "model.safetensors")
+    math, code = (
+        load_file(picos["math"] / "model.safetensors"),
+        load_file(picos["code"] / "model.safetensors"),
+    )
+    layer2 = {k: v for k, v in got.items() if ".layers.2." in k}
+    assert layer2 and len(got) == len(math) + len(layer2)
+    for k, v in got.items():
+        if ".layers.2." in k:
+            src = code[k.replace(".layers.2.", ".layers.1.")]
+            assert torch.equal(v, src * 0.5 if "o_proj" in k else src), k
+        else:
+            tail = "layers" not in k and "embed" not in k  # final norm, lm_head: the last slice's model
+            assert torch.equal(v, code[k] if tail else math[k]), k
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    with pytest.raises(RecipeError) as e:
+        _steps([{"name": "s", "method": "ties", "slices": [{"inputs": [{"model": "math"}], "weights": 1}]}])
+    msg = str(e.value)
+    assert "layer_range: [a, b]" in msg and "unknown key 'weights'" in msg and "ties needs a `base:" in msg

@@ -47,9 +47,30 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def _ours(name: str, inputs: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Our merge of run `name`'s YAML; vocabulary tensors' rows put in mergekit's token order (by
+    token string, from out/<run>.vocab.json) so that rows are compared token by token."""
+    out = _merge(name, inputs, tmp_path)
+    ours = load_file(out / "model.safetensors")
+    theirs_vocab = FIX / "out" / f"{name}.vocab.json"
+    if theirs_vocab.is_file():
+        from transformers import AutoTokenizer
+
+        mine, theirs = (
+            AutoTokenizer.from_pretrained(str(out)).get_vocab(),
+            json.loads(theirs_vocab.read_text()),
+        )
+        assert set(mine) == set(theirs), f"{name}: output vocabularies differ: {set(mine) ^ set(theirs)}"
+        order = torch.tensor([mine[t] for t, _ in sorted(theirs.items(), key=lambda kv: kv[1])])
+        for k in [k for k in ours if k.endswith(("embed_tokens.weight", "lm_head.weight"))]:
+            ours[k] = torch.cat([ours[k][order], ours[k][len(order) :]])
+    return ours
+
+
+def _merge(name: str, inputs: Path, tmp_path: Path) -> Path:
     from branchmerge.merge.run import run
 
     run_ = RUNS[name]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     yml = tmp_path / f"{name}.yml"
     yml.write_text(yaml.safe_dump(_maker().case_yaml(run_["case"], run_["stored"], run_["dtype"], inputs)))
     out = tmp_path / "out"
@@ -59,7 +80,7 @@ def _ours(name: str, inputs: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
         run_dir=tmp_path / "run",
     )
     run(cfg)
-    return load_file(out / "model.safetensors")
+    return out
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,6 +104,8 @@ def _tied_at_threshold(inputs: Path, run_: dict, name: str) -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(n for n, r in RUNS.items() if r["kind"] == "exact"))
 def test_deterministic_methods_match_mergekit(name, inputs, tmp_path):
     """Guards against a converter or method that drifts from mergekit's meaning. Planted once each:
+    depth within a slice as i/n instead of i/(n − 1) (slerp_slices fails, all dtypes), a token's
+    default row as the sum instead of the mean of the models that have it (tokenizer_union: 0.052),
     computing in fp32 where the YAML says `dtype: bfloat16` (Arcee Fusion's kept set moves: 0.117
     relative, fails), gradients resolved with t = 1 after the layers where mergekit uses t = 0 (linear
     and slerp fail on lm_head / model.norm). Measured maxima: 0 (ties, arcee fp32) to 2e-7 (fp32),
@@ -101,6 +124,10 @@ def test_deterministic_methods_match_mergekit(name, inputs, tmp_path):
         worst = max(worst, _relative(a, b) if b.numel() else 0.0)
     print(f"{name}: max relative difference {worst:.2e}")
     assert worst <= TOLERANCE, f"{name}: {worst:.3g} > {TOLERANCE}"
+    for k in theirs:
+        assert ours[k].shape == theirs[k].shape, (
+            f"{name}: '{k}' {list(ours[k].shape)} vs {list(theirs[k].shape)}"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(n for n, r in RUNS.items() if r["kind"] == "random"))
@@ -209,3 +236,83 @@ def test_chat_template_and_written_dtype_reach_the_output(inputs, tmp_path):
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert {v.dtype for v in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_stacked_and_union_outputs_load_and_generate_with_transformers(inputs, tmp_path):
+    """A layer-stacked output (m1's layers 0-1, m2's 1, base's 0) and a union-vocabulary output load
+    with transformers and generate; config.json states 4 layers (and, where the inputs state
+    layer_types, those of the source layers, in order) and the union's 19 rows; the union tokenizer
+    encodes every input's added token to its own id. Guards against a config that keeps the inputs'
+    layer count (planted: the model loaded 2 layers and ignored layers 2-3), layer_types taken from
+    the output index instead of the source layer (planted: fails the order) and a union tokenizer not
+    written (planted: the copied 16-token tokenizer stayed)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stacked = _merge("passthrough_slices__fp32__float32", inputs, tmp_path / "s")
+    assert json.loads((stacked / "config.json").read_text())["num_hidden_layers"] == 4
+    typed = tmp_path / "typed"
+    for m in ("base", "m1", "m2"):  # the same inputs, their config.json stating per-layer types
+        shutil.copytree(inputs / "fp32" / m, typed / "fp32" / m)
+        cfg = json.loads((typed / "fp32" / m / "config.json").read_text())
+        cfg["layer_types"] = [f"{m}_layer0", f"{m}_layer1"]
+        (typed / "fp32" / m / "config.json").write_text(json.dumps(cfg))
+    out = _merge("passthrough_slices__fp32__float32", typed, tmp_path / "t")
+    assert json.loads((out / "config.json").read_text())["layer_types"] == [
+        "m1_layer0",
+        "m1_layer1",
+        "m2_layer1",
+        "base_layer0",
+    ]
+    union = _merge("tokenizer_union__tok__float32", inputs, tmp_path / "u")
+    assert json.loads((union / "config.json").read_text())["vocab_size"] == 19
+    tok = AutoTokenizer.from_pretrained(str(union))
+    assert [tok.convert_tokens_to_ids(t) for t in ("<a>", "<b>", "<c>")] == [16, 17, 18]
+    for folder in (stacked, union):
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+        assert model.config.num_hidden_layers == (4 if folder == stacked else 2)
+        out = model.generate(torch.tensor([[0, 1, 2]]), max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 7) and int(out.max()) < model.config.vocab_size
+
+
+def test_slice_and_vocabulary_errors_name_the_problem_and_the_fix(inputs, tmp_path):
+    """Bad slices and mismatched vocabularies fail before any tensor is written, naming the file,
+    key or tensor and the fix. Guards against the old blanket 'slices are not supported' and against
+    a vocabulary mismatch that does not say how to merge it (planted: the error without the
+    `tokenizer_source` hint fails)."""
+    from branchmerge.errors import CheckpointError, MergeRecipeError
+
+    def merge(body: str):
+        yml = _yaml(tmp_path, body)
+        out = tmp_path / "out"
+        cfg = compose(
+            "merge",
+            [f"from_mergekit={yml}", f"output_dir={out}", "options.progress=false"],
+            run_dir=tmp_path / "r",
+        )
+        from branchmerge.merge.run import run
+
+        run(cfg)
+
+    fp = inputs / "fp32"
+    with pytest.raises(CheckpointError, match=r"layer_range \[1, 3\] of 'm1' passes its 2 layers"):
+        merge(
+            f"merge_method: passthrough\nslices: [{{sources: [{{model: {fp}/m1, layer_range: [1, 3]}}]}}]\n"
+        )
+    with pytest.raises(MergeRecipeError, match=r"slices\[0\]: task_arithmetic needs the base model among"):
+        merge(
+            f"merge_method: task_arithmetic\nbase_model: {fp}/base\n"
+            f"slices: [{{sources: [{{model: {fp}/m1, layer_range: [0, 2]}}]}}]\n"
+        )
+    with pytest.raises(MergeRecipeError, match="same number of layers"):
+        merge(
+            f"merge_method: linear\nslices: [{{sources: [{{model: {fp}/m1, layer_range: [0, 2]}}, "
+            f"{{model: {fp}/m2, layer_range: [0, 1]}}]}}]\n"
+        )
+    tok = inputs / "tok"
+    with pytest.raises(CheckpointError) as e:
+        merge(f"merge_method: linear\nmodels: [{{model: {tok}/base}}, {{model: {tok}/t1}}]\n")
+    msg = str(e.value)
+    assert "'model.embed_tokens.weight' has shape [18, 16]" in msg and "tokenizer_source: union" in msg
+    assert not (tmp_path / "out").exists()
