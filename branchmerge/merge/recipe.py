@@ -12,6 +12,8 @@
         base: code
         inputs: [math_science]            # an earlier step
 The last step is the output. An input may carry per-model parameters: `{model: math, weight: 0.7}`.
+A step with a base may take `lines: {alpha: 0.5, beta: 0.5}`: its merged task vector is scaled by depth,
+λ = α + β·ℓ/(L−1) in block ℓ, α outside the blocks (LiNeS, `executor.lines_scale`).
 A parameter value is a number, a list (interpolated linearly over layer depth: [0.2, 0.8] goes from
 0.2 at the first layer to 0.8 at the last), or a mapping from module-name patterns to values
 (`{self_attn: 0.3, mlp: 0.7, default: 0.5}`; the first pattern found in the tensor name wins).
@@ -49,6 +51,7 @@ class Step:
     inputs: list[Input]
     params: dict[str, Any]
     save: bool = False
+    lines: dict[str, float] | None = None  # LiNeS {alpha, beta}, applied by the executor
 
 
 def _suggest(word: str, options) -> str:
@@ -66,10 +69,10 @@ def parse_steps(raw_steps: list[dict], model_names: set[str]) -> list[Step]:
         where = f"steps[{i}]"
         raw = dict(raw)
         name = str(raw.pop("name", f"step{i}"))
-        extra = set(raw) - {"method", "base", "inputs", "params", "save"}
+        extra = set(raw) - {"method", "base", "inputs", "params", "save", "lines"}
         for key in sorted(extra):
             problems.append(
-                f"{where}: unknown key '{key}'{_suggest(key, ['method', 'base', 'inputs', 'params', 'save'])}"
+                f"{where}: unknown key '{key}'{_suggest(key, ['method', 'base', 'inputs', 'params', 'save', 'lines'])}"
             )
         try:
             method = get_method(str(raw.get("method")))
@@ -116,11 +119,24 @@ def parse_steps(raw_steps: list[dict], model_names: set[str]) -> list[Step]:
                 else (f"{method.min_models}..{method.max_models or 'any'}")
             )
             problems.append(f"{where} ({name}): {method.name} takes {lim} input model(s), got {n}")
-        steps.append(Step(name, method, base, inputs, params, bool(raw.get("save", False))))
+        lines = raw.get("lines")
+        problems += _lines_problems(lines, method, f"{where} ({name})")
+        steps.append(Step(name, method, base, inputs, params, bool(raw.get("save", False)), lines))
         known.add(name)
     if problems:
         raise RecipeError("invalid merge recipe:\n" + "\n".join(f"  - {p}" for p in problems))
     return steps
+
+
+def _lines_problems(lines: Any, method: Method, where: str) -> list[str]:
+    if lines is None:
+        return []
+    if not method.needs_base:
+        return [f"{where}: lines scales task vectors θ − B; {method.name} has no base (drop `lines`)"]
+    ok = isinstance(lines, dict) and set(lines) == {"alpha", "beta"}
+    if not ok or not all(isinstance(v, (int, float)) for v in lines.values()):
+        return [f"{where}: lines must be {{alpha: number, beta: number}}, got {lines!r}"]
+    return []
 
 
 def layer_fraction(tensor_name: str, n_layers: int | None) -> float:
@@ -158,6 +174,8 @@ def step_params(step: Step, tensor_name: str, n_layers: int | None) -> dict[str,
     for p, default in m.model_params.items():
         shared = step.params.get(p, default)
         out[p] = [resolve_value(i.params.get(p, shared), tensor_name, n_layers) for i in step.inputs]
+    if step.lines is not None:
+        out["lines"] = step.lines
     return out
 
 
