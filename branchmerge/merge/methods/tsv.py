@@ -25,15 +25,27 @@ from branchmerge.merge.methods import Method, register
 VOCAB = ("embed", "lm_head")  # name parts of the vocabulary matrices
 
 
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD x = U diag(σ) Vᵀ. LAPACK's fp32 SVD (gesdd) can fail to converge on a matrix with
+    hundreds of near-zero singular values, as Iso-CTS's projected task vectors are (an 896 × 896 one
+    at 0.5B did): then it is redone in fp64."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        return tuple(t.to(x.dtype) for t in torch.linalg.svd(x.double(), full_matrices=False))
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthonormal-column matrix nearest to x (m × k, m ≥ k): P Qᵀ from x = P S Qᵀ."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh
 
 
 def top(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets of d: U (m × k), σ (k,), Vᵀ (k × n), copied out of the full SVD."""
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    u, s, vh = svd(d)
     return u[:, :k].clone(), s[:k].clone(), vh[:k].clone()
 
 
