@@ -17,6 +17,10 @@ Why a pool of single-threaded workers rather than torch's intra-op threads: ever
 fork/join over all cores, so ~40 small ops per block wait at ~40 barriers, and on a shared machine one
 descheduled OpenMP thread stalls every op. Workers pulling whole blocks from a queue have no barrier.
 
+LiNeS (Wang et al. 2025, "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model
+Merging", arXiv 2410.17146), for any method with a base: a step's `lines: {alpha, beta}` (`ctx.p.lines`)
+scales the merged task vector by depth, W = B + λ(ℓ) · (apply(…) − B), see `lines_scale`.
+
 NaN/Inf: each output block is checked (max(bits & exponent mask) < mask); every method lets a NaN/Inf
 input entry reach the output (a test holds each registered method to it), so a clean output proves
 clean inputs, and a dirty block re-checks its inputs to name the file at fault.
@@ -24,6 +28,7 @@ clean inputs, and a dirty block re-checks its inputs to name the file at fault.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +40,7 @@ import torch
 from branchmerge.foundation import mix_seed
 from branchmerge.merge.io import CheckpointError
 
+_IN_LAYER = re.compile(r"\.layers\.\d+\.")  # a tensor of one of the numbered transformer blocks
 BLOCK = 1 << 18  # entries per block (1 MB in fp32): a block's ~10 live temporaries stay in cache
 
 # exponent bits of IEEE formats: a value is NaN or Inf iff they are all set
@@ -160,18 +166,37 @@ class Context:
         return list(self.pool.map(fn, items))
 
 
+def lines_scale(ctx: Context, method) -> float | None:
+    """LiNeS's λ for this tensor, or None when the step has no `lines`:
+        λ(ℓ) = α + β · ℓ / (L − 1)   for a tensor of block ℓ = 0..L−1 (ctx.layer = ℓ / (L − 1))
+        λ = α                        for every other tensor (embeddings, final norm, lm_head), as the
+                                     authors' code scales every parameter outside the numbered blocks
+    so shallow layers keep little of the task vectors (less forgetting) and deep ones more."""
+    lines = getattr(ctx.p, "lines", None)
+    if lines is None:
+        return None
+    if not method.needs_base:
+        raise ValueError(f"lines scales task vectors θ − B: {method.name} has no base model")
+    depth = ctx.layer if ctx.layer is not None and _IN_LAYER.search(ctx.name) else 0.0
+    return lines["alpha"] + lines["beta"] * depth
+
+
 def run_method(
     method, ctx: Context, out: torch.Tensor, sources: list[tuple[str, torch.Tensor]], check: bool = True
 ) -> list[Future]:
-    """stats, then apply block by block into `out` (the tensor's shape, any dtype). On the pool the
-    blocks are submitted and their futures returned (the caller waits); without one they run here.
+    """stats, then apply block by block into `out` (the tensor's shape, any dtype), each block's rows
+    rescaled toward the base by LiNeS when the step asks (`lines_scale`). On the pool the blocks are
+    submitted and their futures returned (the caller waits); without one they run here.
     `sources`: (label, stored tensor) of every input, to name the one at fault after a NaN/Inf."""
     stats = method.stats(ctx)
+    lam = lines_scale(ctx, method)
     ctx.applying = True
     dst = _as_view(out, method.view)
 
     def block(rows: Rows) -> None:
         res = method.apply(ctx, stats, rows)
+        if lam is not None:  # B + λ(res − B); a NaN/Inf in res or B stays non-finite for every λ
+            res = torch.lerp(rows.base(), res, lam)
         o = dst[rows.start : rows.stop]
         if res.shape != o.shape:
             raise RuntimeError(

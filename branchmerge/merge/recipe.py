@@ -21,6 +21,8 @@ branchmerge/merge/slices.py):
           - inputs: [{model: code, layer_range: [8, 24], scale: 0.5}]
             base: {model: science, layer_range: [8, 24]}   # methods that need one
             params: {}                                      # this slice's parameters (over the step's)
+A step with a base may take `lines: {alpha: 0.5, beta: 0.5}`: its merged task vector is scaled by depth,
+λ = α + β·ℓ/(L−1) in block ℓ, α outside the blocks (LiNeS, `executor.lines_scale`).
 A parameter value is a number, a list (interpolated linearly over layer depth: [0.2, 0.8] goes from
 0.2 at the first layer to 0.8 at the last), or a mapping from module-name patterns to values
 (`{self_attn: 0.3, mlp: 0.7, default: 0.5}`; the first pattern found in the tensor name wins).
@@ -78,6 +80,7 @@ class Step:
     params: dict[str, Any]
     save: bool = False
     slices: list[Slice] | None = None
+    lines: dict[str, float] | None = None  # LiNeS {alpha, beta}, applied by the executor
 
 
 def _suggest(word: str, options) -> str:
@@ -85,7 +88,7 @@ def _suggest(word: str, options) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid: {sorted(options)}"
 
 
-STEP_KEYS = ["method", "base", "inputs", "params", "save", "slices"]
+STEP_KEYS = ["method", "base", "inputs", "params", "save", "slices", "lines"]
 
 
 def _inputs(
@@ -208,11 +211,24 @@ def parse_steps(raw_steps: list[dict], model_names: set[str]) -> list[Step]:
         for ref in refs:
             if ref not in known:
                 problems.append(f"{at}: '{ref}' is neither a model nor an earlier step{_suggest(ref, known)}")
-        steps.append(Step(name, method, base, inputs, params, bool(raw.get("save", False)), slices))
+        lines = raw.get("lines")
+        problems += _lines_problems(lines, method, at)
+        steps.append(Step(name, method, base, inputs, params, bool(raw.get("save", False)), slices, lines))
         known.add(name)
     if problems:
         raise RecipeError("invalid merge recipe:\n" + "\n".join(f"  - {p}" for p in problems))
     return steps
+
+
+def _lines_problems(lines: Any, method: Method, where: str) -> list[str]:
+    if lines is None:
+        return []
+    if not method.needs_base:
+        return [f"{where}: lines scales task vectors θ − B; {method.name} has no base (drop `lines`)"]
+    ok = isinstance(lines, dict) and set(lines) == {"alpha", "beta"}
+    if not ok or not all(isinstance(v, (int, float)) for v in lines.values()):
+        return [f"{where}: lines must be {{alpha: number, beta: number}}, got {lines!r}"]
+    return []
 
 
 def layer_fraction(tensor_name: str, n_layers: int | None) -> float:
@@ -252,6 +268,8 @@ def step_params(step: Step, tensor_name: str, n_layers: int | None, t: float | N
     for p, default in m.model_params.items():
         shared = step.params.get(p, default)
         out[p] = [resolve_value(i.params.get(p, shared), tensor_name, n_layers, t) for i in step.inputs]
+    if step.lines is not None:
+        out["lines"] = step.lines
     return out
 
 
