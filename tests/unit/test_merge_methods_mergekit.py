@@ -334,6 +334,30 @@ def test_nuslerp_by_hand():
     assert torch.allclose(call("nuslerp", [a + 1, b + 1], torch.ones(2, 2)), 1 + c * (a + b))
 
 
+def dense_nuslerp(a, b, t, dim):
+    """SLERP of the vectors along `dim` (None: the whole tensor), in float64."""
+    a, b = a.double(), b.double()
+    if dim is None:
+        return dense_nuslerp(a.reshape(1, -1), b.reshape(1, -1), t, 1).reshape(a.shape)
+    na, nb = a.norm(dim=dim, keepdim=True), b.norm(dim=dim, keepdim=True)
+    omega = torch.arccos(((a / na) * (b / nb)).sum(dim, keepdim=True).clamp(-1, 1))
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+@pytest.mark.parametrize("mode", ["tensor", "rows", "columns"])
+def test_nuslerp_matches_the_dense_formula_on_several_blocks(mode):
+    """700 × 600 (two blocks of rows). Guards against column sums taken over one block (planted: the
+    first block's only)."""
+    g = torch.Generator().manual_seed(9)
+    base, a, b = (torch.randn(700, 600, generator=g) for _ in range(3))
+    p = {"tensor": {}, "rows": {"nuslerp_flatten": False}}.get(
+        mode, {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+    )
+    ours = call("nuslerp", [a, b], base, weight=[0.3, 0.7], **p)
+    ref = base + dense_nuslerp(a - base, b - base, 0.7, {"tensor": None, "rows": 1, "columns": 0}[mode])
+    assert torch.allclose(ours.double(), ref, atol=1e-5)
+
+
 def test_nuslerp_row_wise_needs_a_matrix():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="nuslerp_row_wise takes matrices only"):
@@ -399,3 +423,73 @@ def test_nearswap_by_hand():
     model = torch.tensor([5e-5, 1e-3, -2e-4])
     assert torch.allclose(call("nearswap", [model], base), torch.tensor([5e-5, 1e-4, -1e-4]))
     assert torch.equal(call("nearswap", [model], base, t=1.0), model)  # everything within t
+
+
+# ---------------------------------------------------------------- through the engine (pool, blocks, files)
+
+ENGINE_STEPS = {
+    "della": {"base": "base", "inputs": ["a", "b", "c"], "params": {"density": 0.5}},
+    "della_linear": {"base": "base", "inputs": ["a", "b"], "params": {"density": 0.4, "epsilon": 0.2}},
+    "breadcrumbs": {"base": "base", "inputs": ["a", "b"], "params": {"density": 0.6, "gamma": 0.1}},
+    "breadcrumbs_ties": {
+        "base": "base",
+        "inputs": ["a", "b", "c"],
+        "params": {"density": 0.7, "rescale": True},
+    },
+    "sce": {"base": "base", "inputs": ["a", "b", "c"], "params": {"select_topk": 0.3}},
+    "karcher": {"inputs": ["a", "b", "c"]},
+    "nuslerp": {
+        "base": "base",
+        "inputs": ["a", "b"],
+        "params": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    },
+    "multislerp": {"base": "base", "inputs": ["a", "b", "c"]},
+    "nearswap": {"base": "base", "inputs": ["a"], "params": {"t": 0.05}},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A base and three variants: a 700 × 600 matrix (several blocks in either view) and a bias, bf16."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ckpts")
+    g = torch.Generator().manual_seed(8)
+    base = {"w.weight": torch.randn(700, 600, generator=g), "w.bias": torch.randn(600, generator=g)}
+    out = {}
+    for k, name in enumerate(["base", "a", "b", "c"]):
+        sd = {n: (t + 0.1 * k * torch.randn(t.shape, generator=g)).bfloat16() for n, t in base.items()}
+        (root / name).mkdir()
+        save_file(sd, root / name / "model.safetensors", metadata={"format": "pt"})
+        (root / name / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_STEPS))
+def test_the_engine_gives_the_in_memory_result(checkpoints, tmp_path, name):
+    """Through merge(): the pool runs the stats passes and the blocks on several threads, bf16 files in
+    and out; the result is the in-memory call's, bit for bit (seeded draws do not depend on threads).
+    Guards against draws that depend on the thread (planted: DELLA's keep draws from torch's global
+    generator)."""
+    from safetensors.torch import load_file as load
+
+    from branchmerge.merge.engine import MergeOptions, merge
+    from branchmerge.merge.recipe import parse_steps
+
+    step = {"name": "m", "method": name, **ENGINE_STEPS[name]}
+    opts = MergeOptions(progress=False, chunk_elements=1000)  # every tensor block-parallel on the pool
+    merge(checkpoints, parse_steps([step], set(checkpoints)), tmp_path / "o", opts)
+    got = load(tmp_path / "o" / "model.safetensors")
+    m = get_method(name)
+    params = {p: [v] * len(step["inputs"]) for p, v in m.model_params.items()}
+    params.update(m.global_params)
+    params.update(step.get("params", {}))
+    for p in m.model_params:
+        if not isinstance(params[p], list):
+            params[p] = [params[p]] * len(step["inputs"])
+    for tensor, value in got.items():
+        ins = [load(checkpoints[i] / "model.safetensors")[tensor] for i in step["inputs"]]
+        base = load(checkpoints["base"] / "model.safetensors")[tensor] if "base" in step else None
+        want = m(ins, base, tensor_name=tensor, dtype=torch.float32, out_dtype=torch.bfloat16, **params)
+        assert torch.equal(value, want), (name, tensor)
