@@ -4,7 +4,10 @@
 
 Inputs: synthetic Qwen2 checkpoints of the Qwen2.5-0.5B shape (494 M parameters, bf16, tied
 embeddings, 2 shards): a base and three variants (base + Gaussian deltas at 5% of each tensor's RMS).
-For linear, TIES (density 0.5), DARE-TIES (density 0.5) and Arcee Fusion: wall time and peak RSS of
+`--layers 6 --vocab 32000` builds a mid-size checkpoint of the same layer shapes (118 M parameters)
+for short runs. For linear, TIES (density 0.5), DARE-TIES (density 0.5), Arcee Fusion and mergekit's
+same-architecture methods (DELLA, DELLA-linear, Breadcrumbs, Breadcrumbs-TIES, SCE, Karcher, NuSLERP,
+Multi-SLERP, NearSwap; parameters in `METHODS`): wall time and peak RSS of
 each tool in its own process (warm page cache: one untimed read first), and the I/O floor (copy every
 byte of every input out of the page cache, tensor by tensor, and write one output of the same size).
 Tools run interleaved (ours, mergekit, floor, repeat), each after the previous output is deleted and
@@ -42,14 +45,16 @@ QWEN05 = dict(
 )
 
 
-def build_models(root: Path, seed: int = 0) -> dict[str, Path]:
-    """base + 3 variants, written once (skipped when present)."""
+def build_models(root: Path, seed: int = 0, shape: dict | None = None) -> dict[str, Path]:
+    """base + 3 variants, written once (skipped when present); `shape` overrides QWEN05's keys."""
     from safetensors.torch import save_file
 
     names = ["base", "v1", "v2", "v3"]
     from transformers import Qwen2Config  # the config only; no weights are loaded
 
-    cfg = Qwen2Config(**QWEN05, torch_dtype="bfloat16", architectures=["Qwen2ForCausalLM"])
+    cfg = Qwen2Config(
+        **{**QWEN05, **(shape or {})}, torch_dtype="bfloat16", architectures=["Qwen2ForCausalLM"]
+    )
     if all((root / n / "model.safetensors.index.json").exists() for n in names):
         for n in names:
             cfg.save_pretrained(root / n)
@@ -183,6 +188,45 @@ METHODS = {
 }
 
 
+def _mergekit_yaml(method: str, base: bool, models: list[str], per_model: str = "", params: str = "") -> str:
+    text = f"merge_method: {method}\n" + ("base_model: @base@\n" if base else "")
+    text += f"parameters: {{{params}}}\n" if params else ""
+    text += "models:\n" + "".join(
+        f"  - model: @{v}@\n" + (f"    parameters: {{{per_model}}}\n" if per_model else "") for v in models
+    )
+    return text
+
+
+# mergekit's same-architecture methods (branchmerge/merge/methods: della, breadcrumbs, sce, karcher,
+# nuslerp, multislerp, nearswap), with the parameters users' configs typically set
+for _name, _base, _inputs, _per_model, _params in [
+    ("della", True, ["v1", "v2", "v3"], {"weight": 1.0, "density": 0.5, "epsilon": 0.15}, {}),
+    ("della_linear", True, ["v1", "v2", "v3"], {"weight": 1.0, "density": 0.5, "epsilon": 0.15}, {}),
+    ("breadcrumbs", True, ["v1", "v2", "v3"], {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {}),
+    ("breadcrumbs_ties", True, ["v1", "v2", "v3"], {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {}),
+    ("sce", True, ["v1", "v2", "v3"], {}, {"select_topk": 0.5}),
+    ("karcher", False, ["v1", "v2", "v3"], {}, {}),
+    ("nuslerp", True, ["v1", "v2"], {"weight": 1.0}, {}),
+    ("multislerp", True, ["v1", "v2", "v3"], {"weight": 1.0}, {}),
+    ("nearswap", True, ["v1"], {}, {"t": 0.0001}),
+]:
+    METHODS[_name] = (
+        {
+            "method": _name,
+            **({"base": "base"} if _base else {}),
+            "inputs": _inputs,
+            "params": {**_per_model, **_params},
+        },
+        _mergekit_yaml(
+            _name,
+            _base,
+            _inputs,
+            ", ".join(f"{k}: {v}" for k, v in _per_model.items()),
+            ", ".join(f"{k}: {v}" for k, v in _params.items()),
+        ),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, default=ROOT / "outputs" / "perf" / "merge")
@@ -190,16 +234,24 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--out", default="merge_bench.json", help="file name under experiments/perf/results")
+    ap.add_argument(
+        "--layers", type=int, default=QWEN05["num_hidden_layers"], help="a smaller checkpoint: fewer layers"
+    )
+    ap.add_argument("--vocab", type=int, default=QWEN05["vocab_size"], help="… and a smaller vocabulary")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    shape = {"num_hidden_layers": args.layers, "vocab_size": args.vocab}
+    default = all(QWEN05[k] == v for k, v in shape.items())
+    models_dir = args.root / ("models" if default else f"models-L{args.layers}-V{args.vocab}")
     if args.build_only:
-        build_models(args.root / "models")
+        build_models(models_dir, shape=shape)
         return
     # Built in a child: a process's peak RSS survives fork+exec into the children it starts (Linux
     # copies the old address space's high-water mark at exec), so a bench process that had held the
     # 4 GB of models would report them as every tool's peak.
-    subprocess.run([sys.executable, __file__, "--build-only", "--root", str(args.root)], check=True)
-    models = build_models(args.root / "models")
+    sizes = ["--layers", str(args.layers), "--vocab", str(args.vocab)]
+    subprocess.run([sys.executable, __file__, "--build-only", "--root", str(args.root), *sizes], check=True)
+    models = build_models(models_dir, shape=shape)
     paths = {k: str(v) for k, v in models.items()}
     py = None if args.skip_mergekit else mergekit_python(ROOT / "outputs" / "perf" / "venv-mergekit")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
@@ -260,6 +312,7 @@ def main() -> None:
             {
                 "results": results,
                 "repeats": args.repeats,
+                "shape": {**QWEN05, **shape},
                 "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
             },
             indent=2,

@@ -77,10 +77,17 @@ def get_method(name: str) -> Method:
 
 from branchmerge.merge.methods import (  # noqa: E402,F401  (each module registers its methods)
     arcee_fusion,
+    breadcrumbs,
+    della,
     fisher,
     importance_fusion,
+    karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    sce,
     slerp,
     sparse,
     task_arithmetic,
