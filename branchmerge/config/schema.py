@@ -202,6 +202,7 @@ class MergeConfig:
     base: str | None = None
     inputs: list[Any] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    lines: dict[str, float] | None = None  # LiNeS depth scaling of the step's task vector
     from_mergekit: str | None = None
     eval: EvalSuiteConfig | None = None  # score the merged model on this suite (sweeps); None = don't
     score: ScoreConfig = field(default_factory=ScoreConfig)

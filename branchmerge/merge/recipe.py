@@ -37,11 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from branchmerge.errors import MergeRecipeError
-from branchmerge.merge.methods import (
-    Method,
-    get_method,
-    passthrough,  # noqa: F401  (registers `passthrough`)
-)
+from branchmerge.merge.methods import Method, get_method
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 

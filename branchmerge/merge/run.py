@@ -73,6 +73,7 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
                 "base": c["base"],
                 "inputs": c["inputs"],
                 "params": c["params"],
+                **({"lines": c["lines"]} if c.get("lines") else {}),
             }
         ]
     steps = parse_steps(raw_steps, set(models))

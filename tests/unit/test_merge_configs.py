@@ -32,3 +32,20 @@ def test_a_method_config_takes_command_line_overrides():
     cfg = compose("merge", ["merge=ties", "inputs=[a,b]", "base=c", "params.density=0.3"])
     assert cfg.method == "ties" and cfg.params.density == 0.3 and cfg.params.normalize is True
     assert compose("merge").method is None  # nothing selected: the single-step keys stay empty
+
+
+def test_single_step_command_line_takes_lines():
+    """Guards against `lines=` being accepted by the config but dropped on the single-step path (the
+    merge would run without LiNeS): the step handed to the executor carries {alpha, beta}, and a
+    method without a base refuses it."""
+    from branchmerge.merge.run import recipe_from_config
+
+    over = ["merge=task_arithmetic", "inputs=[a,b]", "base=c", "lines={alpha: 0.5, beta: 0.5}"]
+    cfg = validate(compose("merge", over), MergeConfig)
+    _, steps, _, recipe = recipe_from_config(cfg)
+    assert steps[0].lines == {"alpha": 0.5, "beta": 0.5} and recipe["steps"][0]["lines"] == steps[0].lines
+    bad = validate(
+        compose("merge", ["merge=linear", "inputs=[a,b]", "lines={alpha: 1, beta: 0}"]), MergeConfig
+    )
+    with pytest.raises(Exception, match="has no base"):
+        recipe_from_config(bad)
