@@ -166,10 +166,11 @@ def export_snapshot(run_dir: Path, step: int, out_dir: Path) -> Path:
 # ---- merge ---------------------------------------------------------------------------------------
 def merge_args(method: str, base: Path, experts: dict[str, Path], out: Path, toy_dir: Path) -> list[str]:
     """`merge.py` for one of the study's merges, the same knobs in every cell:
-    tinyr1 = Arcee Fusion k 1.5, (math ⊕ science over science) ⊕ code over code;
+    tinyr1 = Arcee Fusion k 1.5, (math ⊕ science over science) ⊕ code over code, in fp32 arithmetic
+             (the study's first cells were merged so; the bf16 recipe changes no score measurably);
     linear = the 3-way average; ties = 3-way TIES over the base, density 0.5, λ 1."""
     recipe = {
-        "tinyr1": ["+experiment=toy_merge_tinyr1"],
+        "tinyr1": ["+experiment=toy_merge_tinyr1_fp32"],
         "linear": ["+experiment=toy_merge_soup", "steps.0.inputs=[math,code,science]"],
         "ties": ["+experiment=toy_merge_ties", "steps.0.inputs=[math,code,science]"],
     }[method]
