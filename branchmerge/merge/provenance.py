@@ -15,7 +15,10 @@ from branchmerge.utils.git import git_revision
 # an older engine is merged again instead of reused. 2: Arcee Fusion takes one log of P/Q (not
 # log P − log Q) and draws its subsamples block by block. 3: TIES keeps exactly
 # k = max(1, floor(density·n)) entries, ties at the threshold broken by position; a zero sign sum elects +.
-ENGINE_VERSION = 3
+# 4: Breadcrumbs and SCE keep mergekit's exact counts (ties at a cut broken by position); SCE's
+# variance and η, Breadcrumbs' rescale and the sums over models follow mergekit's compute-dtype
+# arithmetic; fp32 inputs merged in bf16 subtract the rounded base.
+ENGINE_VERSION = 4
 
 
 def provenance(ckpts: dict[str, Any], recipe: dict, hash_inputs: bool = True) -> dict:

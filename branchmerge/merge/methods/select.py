@@ -1,8 +1,10 @@
 """Exact order statistics without sorting, and seeded subsamples drawn block by block: the shared
-tools of methods whose stats are quantiles (TIES' magnitude threshold, importance fusion's τ).
+tools of methods whose stats are quantiles (TIES' and Breadcrumbs' magnitude ranks, SCE's variance
+rank, importance fusion's τ).
 
     kth_largest(n, k, seed, at, block_values, map_)   the exact k-th largest of n values
     rank_kth_largest(...)                             ... with per-block counts above / equal (`Rank`)
+    RankWindow(skip, upto)                            the entries of descending ranks [lo, hi)
     quantiles(values, qs)                             sorted(values)[floor(q·(m−1))], by radix
     Subsample(spans, cols, seed, dtype, device)       10⁶ uniform draws with replacement, per block
 """
@@ -49,6 +51,29 @@ class Rank:
             return values > t
         eq = values == t
         return (values > t) | (eq & (eq.cumsum(0) <= self.take - before))
+
+
+class RankWindow:
+    """The entries whose rank lies in [lo, hi) in the stable descending order of n values (equal
+    values: the lower flat index ranks first, so a window's boundary splits a run of ties by position,
+    at either end): ranked below hi (`upto`, the `Rank` of the hi largest; None when hi = n) and not
+    below lo (`skip`, the `Rank` of the lo largest; None when lo = 0). `empty`: lo = hi, keep none.
+    TIES' trim is the window [0, k), Breadcrumbs' band [n − b − t, n − b), SCE's selection [0, k)."""
+
+    def __init__(self, skip: Rank | None, upto: Rank | None, empty: bool = False) -> None:
+        self.skip, self.upto, self.empty = skip, upto, empty
+
+    def keep(self, values: torch.Tensor, block: int) -> torch.Tensor:
+        """The keep mask of block `block` (flat values, in the block's order)."""
+        if self.empty:
+            return torch.zeros_like(values, dtype=torch.bool)
+        if self.upto is None:
+            mask = torch.ones_like(values, dtype=torch.bool)
+        else:
+            mask = self.upto.keep(values, block)
+        if self.skip is not None:
+            mask.logical_and_(self.skip.keep(values, block).logical_not_())
+        return mask
 
 
 def rank_kth_largest(n: int, k: int, seed: int, at: Callable, block_values: Callable, map_: Callable) -> Rank:

@@ -31,7 +31,8 @@ import torch
 
 from branchmerge.foundation import mix_seed
 from branchmerge.merge.methods import Method, register
-from branchmerge.merge.methods.select import SMALL, Rank, gather, rank_kth_largest
+from branchmerge.merge.methods.select import Rank
+from branchmerge.merge.methods.task_vectors import abs_delta_at, delta, rank_over
 
 
 class KeepMask:
@@ -70,24 +71,7 @@ def magnitude_rank(ctx, i: int, density: float) -> Rank | None | float:
         return None
     if k <= 0:
         return math.inf
-
-    def abs_delta(rows) -> torch.Tensor:
-        return rows.model(i).sub_(rows.stored_base()).abs_()
-
-    if n <= SMALL:
-        whole = abs_delta(ctx.rows(0, ctx.n_rows))
-        t = torch.kthvalue(whole, n - k + 1).values
-        return _whole_rank(k, t, [whole[a:z] for a, z in ctx.spans])
-
-    def at(idx: torch.Tensor) -> torch.Tensor:
-        return gather(ctx.models[i], idx).to(ctx.dtype, copy=True).sub_(gather(ctx.base, idx)).abs_()
-
-    return rank_kth_largest(n, k, ctx.seed(i), at, abs_delta, ctx.map)
-
-
-def _whole_rank(k: int, t: torch.Tensor, blocks: list[torch.Tensor]) -> Rank:
-    above = [int(torch.count_nonzero(b > t)) for b in blocks]
-    return Rank(k, t, above, [int(torch.count_nonzero(b == t)) for b in blocks])
+    return rank_over(ctx, k, lambda rows: delta(ctx, rows, i).abs_(), abs_delta_at(ctx, i), ctx.seed(i))
 
 
 class SparseTaskArithmetic(Method):
