@@ -3,10 +3,12 @@ inputs (tests/fixtures/mergekit: recorded by make_fixtures.py with mergekit-yaml
 rebuilt here from their seeds and checked against the recorded hashes).
 
 Deterministic methods: every tensor within 1e-2 of mergekit's, relative to the tensor's largest
-magnitude (`pytest -s` prints each run's maximum). TIES: mergekit
-picks tied entries at the density threshold by an unstable argsort, so entries may differ only where
-some model's |Δ| equals its threshold (the rest match exactly in fp32, within 1e-2 in bf16). Randomised methods (DARE): keep rate and rescaling match in
-distribution.
+magnitude (`pytest -s` prints each run's maximum). TIES, Breadcrumbs and SCE keep exactly mergekit's
+number of entries, but mergekit picks among values tied at a cut by an unstable sort, so entries may
+differ where some model's |Δ| (or SCE's variance) ties across a cut; the rest match bit for bit where
+`BIT_EXACT` says, within 1e-2 elsewhere. Where W ≠ B shows the kept set (one Breadcrumbs model, SCE),
+both tools keep the same values, tie for tie. Randomised methods (DARE): keep rate and rescaling match
+in distribution.
 """
 
 from __future__ import annotations
@@ -87,13 +89,15 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
-TIED_CASES = ("ties", "breadcrumbs", "breadcrumbs_ties", "sce")
+TIED_CASES = ("ties", "breadcrumbs", "breadcrumbs_single", "breadcrumbs_ties", "sce")
 # (case, compute dtype) whose untied entries match mergekit bit for bit (measured); elsewhere a
 # whole-tensor sum (a rescale, SCE's η) or bf16 sums taken in another order move the last bits.
 BIT_EXACT = {
     ("ties", "float32"),
     ("breadcrumbs", "float32"),
     ("breadcrumbs", "bfloat16"),
+    ("breadcrumbs_single", "float32"),
+    ("breadcrumbs_single", "bfloat16"),
     ("breadcrumbs_ties", "bfloat16"),
     ("sce", "bfloat16"),
 }
@@ -139,8 +143,11 @@ def test_deterministic_methods_match_mergekit(name, inputs, tmp_path):
     default row as the sum instead of the mean of the models that have it (tokenizer_union: 0.052),
     computing in fp32 where the YAML says `dtype: bfloat16` (Arcee Fusion's kept set moves: 0.117
     relative, fails), gradients resolved with t = 1 after the layers where mergekit uses t = 0 (linear
-    and slerp fail on lm_head / model.norm). Measured maxima: 0 (ties, arcee fp32) to 2e-7 (fp32),
-    2.5e-4 to 7.6e-3 (bf16 compute: rounding of bf16 sums)."""
+    and slerp fail on lm_head / model.norm), Breadcrumbs and SCE summing the models' terms in bf16
+    one by one instead of in float32 as torch sums a bf16 stack (breadcrumbs, breadcrumbs_ties and sce
+    in bf16 compute fail the bit-exact check). Measured maxima: 0 (ties, arcee fp32, breadcrumbs all
+    dtypes, breadcrumbs_ties in bf16) to 2e-7 (fp32), 2.5e-4 to 7.6e-3 (bf16 compute: rounding of bf16
+    sums; SCE 5.4e-3, 3.1e-4 in fp32 on bf16 inputs: its η move with the tied entries kept)."""
     ours, theirs = _ours(name, inputs, tmp_path), load_file(FIX / "out" / f"{name}.safetensors")
     assert ours.keys() == theirs.keys()
     run_ = RUNS[name]
@@ -161,6 +168,43 @@ def test_deterministic_methods_match_mergekit(name, inputs, tmp_path):
         assert ours[k].shape == theirs[k].shape, (
             f"{name}: '{k}' {list(ours[k].shape)} vs {list(theirs[k].shape)}"
         )
+
+
+VARIANTS = ("m1", "m2", "m3")
+
+
+def _ranked(inputs: Path, run_: dict, name: str) -> torch.Tensor:
+    """The quantity a run ranks, in its compute dtype: |Δ| of its one model, or SCE's variance."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[run_["dtype"]]
+    sd = {
+        m: load_file(inputs / run_["stored"] / m / "model.safetensors")[name].to(dtype)
+        for m in ("base", *VARIANTS)
+    }
+    deltas = [sd[m] - sd["base"] for m in VARIANTS]
+    if run_["case"] == "sce":
+        return torch.var(torch.stack(deltas), dim=0, unbiased=False).float()
+    return deltas[0].abs().float()
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, r in RUNS.items() if r["case"] in ("breadcrumbs_single", "sce"))
+)
+def test_kept_entries_match_mergekit_value_for_value(name, inputs, tmp_path):
+    """Where W ≠ B marks the kept entries (one Breadcrumbs model; SCE's selection), both tools keep the
+    same multiset of ranked values (|Δ| or the variance, in the compute dtype): equally many at every
+    value, so exactly mergekit's count at each cut, whatever entries its unstable sort picked among
+    ties. Guards against keeping every tied entry (the old rule, planted: on bf16 inputs Breadcrumbs
+    kept up to 11 entries too many in 17 of 27 tensors, SCE up to 3 in 5) and a variance computed
+    off mergekit's rounding (planted: bf16 arithmetic step by step fails sce__bf16__bfloat16)."""
+    run_ = RUNS[name]
+    ours, theirs = _ours(name, inputs, tmp_path), load_file(FIX / "out" / f"{name}.safetensors")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[run_["dtype"]]
+    base = load_file(inputs / run_["stored"] / "base/model.safetensors")
+    for k in theirs:
+        q, b = _ranked(inputs, run_, k), base[k].to(dtype)
+        mine, want = q[ours[k].to(dtype) != b].sort().values, q[theirs[k].to(dtype) != b].sort().values
+        assert torch.equal(mine, want), f"{name}: '{k}' keeps {mine.numel()} entries, mergekit {want.numel()}"
+    print(f"{name}: kept sets equal value for value")
 
 
 @pytest.mark.parametrize("name", sorted(n for n, r in RUNS.items() if r["kind"] == "random"))

@@ -96,7 +96,7 @@ def test_breadcrumbs_keeps_mergekits_count_ties_split_by_position(shape, density
     exactly t = ⌊density·n⌋ ranks are kept, the same ones as a full stable sort, on one block and across
     3 blocks (the bracketed selection with per-block tie counts). 0.8 + 0.3 > 1: fewer than ⌊γ·n⌋ are
     dropped from the top. Guards against the old band lo ≤ |Δ| ≤ hi, which kept every entry tied with
-    either threshold (planted: keeps thousands more than t and fails)."""
+    either threshold (planted: 1 to 126 000 entries too many, every case fails)."""
     delta = _tied_deltas(shape, 11)
     n = delta.numel()
     lo, hi = _band(n, density, gamma)
@@ -143,8 +143,8 @@ def test_sce_selects_exactly_k_by_variance_ties_split_by_position(shape, topk):
     """τ2 = 0: Var = τ1²/4 ties in runs of thousands (5 magnitudes), and W = B + τ1 exactly on the
     selected entries (η = (1, 0)), B elsewhere. Exactly k = ⌊topk·#{Var ≠ 0}⌋ entries are selected, the
     first ones in flat order among those tied at the cut, on one block and across 3. Guards against
-    keeping every entry tied with the k-th largest variance (the old `Var ≥ t`; planted: fails with
-    thousands too many)."""
+    keeping every entry tied with the k-th largest variance (the old `Var ≥ t`; planted:
+    150 to 111 730 entries too many, every case fails)."""
     t1 = _tied_deltas(shape, 14, torch.float32)
     base = torch.zeros_like(t1)
     want = _sce_selected([t1, torch.zeros_like(t1)], topk)
