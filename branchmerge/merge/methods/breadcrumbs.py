@@ -10,7 +10,8 @@ Belilovsky 2024, arXiv 2312.06795), as mergekit's `breadcrumbs` and `breadcrumbs
            mergekit keeps as many but orders ties by an unstable sort, so its choice among entries
            tied at a boundary is arbitrary and may differ from ours there only. density ≥ 1 keeps
            everything, t = 0 nothing
-    rescale (optional)  Δ̂_i = ‖Δ_i‖₁ / ‖m_i ⊙ Δ_i‖₁ · m_i ⊙ Δ_i (skipped when either is < 1e-7)
+    rescale (optional)  Δ̂_i = ‖Δ_i‖₁ / ‖m_i ⊙ Δ_i‖₁ · m_i ⊙ Δ_i (skipped when either is < 1e-7; the
+                        norms and factor rounded to the compute dtype, then w_i applied, as mergekit)
     breadcrumbs        W = B + λ · Σ_i w_i Δ̂_i                       (normalize: / Σ_i w_i)
     breadcrumbs_ties   W = B + λ · Σ_i e_i w_i Δ̂_i                   (normalize: / Σ_i e_i w_i)
                        e_i: agrees with the elected sign of Σ_i w_i Δ̂_i (≥ 0 elects +)
