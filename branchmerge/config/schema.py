@@ -133,6 +133,38 @@ class MergeOptionsConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """The calibration rows of a data-driven merge method (ACM's activation pass,
+    branchmerge/merge/activations.py): records read from `files` in turn, through the chat template."""
+
+    files: list[str] = field(default_factory=list)  # JSONL record files; [] = no activation pass
+    rows: int = 64  # records used, taken in turn from each file
+    max_tokens: int = 512  # tokens kept per record (the rest is cut)
+    template: Literal["chatml", "deepseek_r1"] = "chatml"
+    samples: int = 65536  # hidden-state entries sampled per layer (the same entries in every model)
+    bins: int = 32  # equal-frequency bins per model in the mutual-information estimate
+    seed: int = 0  # which entries are sampled
+    device: str = "cpu"  # where each model runs its forward passes (one model at a time)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @staticmethod
+    def problems(value: dict, key: str) -> list[str]:
+        """Bounds the estimate needs: at least 2 bins and enough samples to fill the joint histogram."""
+        out = [
+            f"{key}.{k}: must be >= {lo}, got {value.get(k)}"
+            for k, lo in (("rows", 1), ("max_tokens", 2), ("bins", 2))
+            if isinstance(value.get(k), int) and value[k] < lo
+        ]
+        bins, samples = value.get("bins"), value.get("samples")
+        if isinstance(bins, int) and isinstance(samples, int) and samples < 4 * bins * bins:
+            out.append(
+                f"{key}.samples: {samples} samples leave the {bins}x{bins} joint histogram "
+                f"nearly empty; use >= {4 * bins * bins} (or fewer bins)"
+            )
+        return out
+
+
+@dataclass
 class WandbTrialConfig:
     enabled: bool = True  # one W&B run per scored merge (offline unless WANDB_MODE says otherwise)
     project: str = "branchmerge-sweeps"
@@ -204,6 +236,7 @@ class MergeConfig:
     params: dict[str, Any] = field(default_factory=dict)
     lines: dict[str, float] | None = None  # LiNeS depth scaling of the step's task vector
     from_mergekit: str | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # ACM's activation pass
     eval: EvalSuiteConfig | None = None  # score the merged model on this suite (sweeps); None = don't
     score: ScoreConfig = field(default_factory=ScoreConfig)
 

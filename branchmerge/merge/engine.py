@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from branchmerge.config.schema import MergeOptionsConfig
+from branchmerge.errors import MergeRecipeError
 from branchmerge.foundation import atomic_dir
 from branchmerge.merge.executor import Context, make_pool, run_method
 from branchmerge.merge.io import BY_NAME, Checkpoint, CheckpointError, ShardWriter
@@ -220,6 +221,13 @@ class Merger:
                             f"step {s.name}: Fisher merging needs model inputs, '{i.ref}' is a step"
                         )
                     self.importance[i.ref] = _Importance(_importance_file(self.ckpts[i.ref].path), self.names)
+        for s in steps:
+            for i in s.inputs if s.method.needs_activations else []:
+                if i.params.get("coef", s.params.get("coef")) is None:
+                    raise MergeRecipeError(
+                        f"step {s.name}: {s.method.name} has no coefficients for '{i.ref}': merge through "
+                        "merge.py with calibration.files=[...] (its activation pass) or give `coef`"
+                    )
         self.by_name = {s.name: s for s in steps}
         self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
 
@@ -281,7 +289,9 @@ class Merger:
         return {s: values[s] for s in self.outputs}, running
 
     # ---- the pass --------------------------------------------------------------------------------
-    def run(self, output_dir: Path, recipe: dict, chat_template: str | None = None) -> dict:
+    def run(
+        self, output_dir: Path, recipe: dict, chat_template: str | None = None, extra: dict | None = None
+    ) -> dict:
         t0 = time.time()
         self.out_dtype = out_dtype = {n: self._out_dtype(n) for n in self.names}
         plan = [(n, self.shape(n), out_dtype[n]) for n in self.names]
@@ -306,6 +316,7 @@ class Merger:
             record = provenance(self.ckpts, recipe, hash_inputs=self.opt.hash_inputs)
             record["seconds"] = round(time.time() - t0, 3)
             record["output_bytes"] = total_bytes
+            record.update(extra or {})  # what ran before the merge (ACM's activation pass)
             (tmp / "merge_provenance.json").write_text(json.dumps(record, indent=2, default=str))
         log.info(
             "merged %d tensors (%.2f GB) into %s in %.1fs",
@@ -430,9 +441,11 @@ def merge(
     recipe: dict[str, Any] | None = None,
     chat_template: str | None = None,
     tokenizer: dict[str, Any] | None = None,
+    provenance_extra: dict[str, Any] | None = None,
 ) -> dict:
     """Validate, then stream the merge into `output_dir` (atomic). Returns the provenance record.
     `chat_template`: written into the output's tokenizer_config.json (None: the copied one stays);
-    `tokenizer`: the output vocabulary and row mapping (`branchmerge.merge.vocab`; None: inputs share one)."""
+    `tokenizer`: the output vocabulary and row mapping (`branchmerge.merge.vocab`; None: inputs share one);
+    `provenance_extra`: more keys for merge_provenance.json (the activation pass's record)."""
     merger = Merger(models, steps, options or MergeOptions(), tokenizer)
-    return merger.run(Path(output_dir), recipe or {}, chat_template)
+    return merger.run(Path(output_dir), recipe or {}, chat_template, provenance_extra)

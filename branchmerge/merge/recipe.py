@@ -199,6 +199,8 @@ def parse_steps(raw_steps: list[dict], model_names: set[str]) -> list[Step]:
             if inputs or base or len(raw_steps) > 1:
                 problems.append(f"{at}: `slices` replace `inputs`/`base` and make a one-step recipe")
             refs = [r for s in slices for r in s.ranges]
+            if method.needs_activations:
+                problems.append(f"{at}: {method.name}'s coefficients are per layer of one base: no `slices`")
         else:
             refs = [i.ref for i in inputs] + ([base] if base else [])
             if method.needs_base and not base:

@@ -16,8 +16,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from branchmerge.config import validate
-from branchmerge.config.schema import MergeConfig
+from branchmerge.config.schema import CalibrationConfig, MergeConfig
 from branchmerge.errors import MergeRecipeError
+from branchmerge.merge import activations
 from branchmerge.merge.engine import MergeOptions, merge
 from branchmerge.merge.io import BY_NAME, Checkpoint
 from branchmerge.merge.mergekit import from_mergekit, pick_chat_template
@@ -78,6 +79,9 @@ def recipe_from_config(cfg: DictConfig) -> tuple[dict[str, Path], list, MergeOpt
         ]
     steps = parse_steps(raw_steps, set(models))
     recipe = {"models": {k: str(v) for k, v in models.items()}, "steps": raw_steps, "options": opts}
+    if activations.pending(steps):  # ACM: coefficients from a forward pass over calibration rows
+        recipe["calibration"] = dict(c.get("calibration") or {})
+        activations.check(steps, models, recipe["calibration"].get("files", []))
     if template:
         recipe["chat_template"] = template  # written into the output's tokenizer_config.json
     if tokenizer:
@@ -92,6 +96,10 @@ def _same_inputs(old: dict, models: dict[str, Path], recipe: dict) -> bool:
 
     if old.get("recipe") != json.loads(json.dumps(recipe)) or old.get("engine_version") != ENGINE_VERSION:
         return False
+    if "calibration" in recipe:  # the calibration files' contents, too
+        files = activations.calibration_hashes(recipe["calibration"]["files"])
+        if old.get("acm", {}).get("calibration", {}).get("files") != files:
+            return False
     for name, info in old.get("inputs", {}).items():
         path = models.get(name)
         if path is None or not info.get("hash"):
@@ -108,14 +116,30 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
     cfg = cfg if validated else validate(cfg, MergeConfig)
     out = Path(cfg.output_dir)
     models, steps, options, recipe = recipe_from_config(cfg)
-    if (out / "merge_provenance.json").exists() and not cfg.overwrite:
+    old = None
+    if (out / "merge_provenance.json").exists():
         old = json.loads((out / "merge_provenance.json").read_text())
-        if _same_inputs(old, models, recipe):
-            log.info("%s already holds this merge of these inputs (overwrite=true merges again)", out)
-            return old
-        log.info("%s is from another recipe or other inputs; merging again", out)
+        if not cfg.overwrite:
+            if _same_inputs(old, models, recipe):
+                log.info("%s already holds this merge of these inputs (overwrite=true merges again)", out)
+                return old
+            log.info("%s is from another recipe or other inputs; merging again", out)
+    extra = None
+    if "calibration" in recipe:  # the activation pass, one model at a time, before the streaming merge
+        cal = CalibrationConfig(**recipe["calibration"])
+        cached = (old or {}).get("acm")
+        extra = {
+            "acm": activations.prepare(steps, models, cal, cached, options.hash_inputs, options.progress)
+        }
     record = merge(
-        models, steps, out, options, recipe, recipe.get("chat_template"), tokenizer=recipe.get("tokenizer")
+        models,
+        steps,
+        out,
+        options,
+        recipe,
+        recipe.get("chat_template"),
+        tokenizer=recipe.get("tokenizer"),
+        provenance_extra=extra,
     )
     log.info("merged model: %s (%.1fs)", out, record["seconds"])
     return record

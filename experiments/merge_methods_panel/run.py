@@ -11,7 +11,8 @@ method against each reference (TIES and Arcee Fusion by default) as a paired dif
 items (paired bootstrap 95% interval, exact McNemar), per benchmark and on the mean. Methods whose
 inputs cannot be met are listed with the reason (a method for exactly 2 models given 3 branches, Fisher
 merging without saved Fisher files). A method taking one model onto a base (Arcee Fusion) is chained
-as the released TinyR1 recipe is: ((b1 ⊕ b2, base b2) ⊕ b3, base b3).
+as the released TinyR1 recipe is: ((b1 ⊕ b2, base b2) ⊕ b3, base b3). ACM's activation pass reads the
+branches' own train splits (CALIBRATION).
 
 Resumable: merge.py reuses an identical finished merge, and a method's evaluation is skipped when its
 results.json scored exactly these weights. Writes <out>/panel.md, panel.csv, panel.png.
@@ -47,6 +48,8 @@ SCALES = {  # scale -> (base model, branch export pattern, eval suite)
     "toy": ("{root}/branchmerge/toy/assets/toy_base", "{out}/train/toy_{d}_branch/export", "toy"),
     "paper": ("{model_dir}/DeepSeek-R1-Distill-Qwen-32B", "{out}/train/{d}_branch/export", "paper"),
 }
+# calibration records of methods that read activations (ACM): each branch's own train split
+CALIBRATION = {"toy": "{out}/toy_world/data/{d}/train.jsonl", "paper": "{data_dir}/branches/{d}/train.jsonl"}
 # settings the paper's comparison (and the demo's Figure 2 rows) use where a method's default differs
 SETTINGS = {
     "ties": ["params.density=0.5"],
@@ -84,9 +87,13 @@ def _chain(method: str, branches: list[str]) -> list[dict]:
     return steps
 
 
-def merge_args(method: str, spec: dict, models: dict[str, str], out_dir: Path) -> list[str]:
+def merge_args(
+    method: str, spec: dict, models: dict[str, str], out_dir: Path, calibration: list[str] = ()
+) -> list[str]:
     args = [f"merge={method}", f"output_dir={out_dir}", "options.progress=false", f"run_name=panel_{method}"]
     args += [f"+models.{k}={v}" for k, v in models.items()]
+    if METHODS[method].needs_activations:
+        args.append(f"calibration.files=[{','.join(map(str, calibration))}]")
     if "steps" in spec:
         params = _defaults(method)
         steps = [{**s, "params": params} for s in spec["steps"]]
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"missing input models ({'; '.join(missing)}); train the branches first (README)")
     specs = plan(branches, a.fisher)
+    calibration = [CALIBRATION[a.scale].format(out=a.outputs, data_dir=ROOT / "data", d=d) for d in branches]
     chosen = a.methods.split(",") if a.methods else list(specs)
     unknown = [m for m in chosen + refs if m not in specs]
     if unknown:
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = out / "models" / m
         print(f"[{m}] merge", flush=True)
         run(
-            ["merge.py", *merge_args(m, specs[m], models, model_dir), f"paths.output_dir={out}"],
+            ["merge.py", *merge_args(m, specs[m], models, model_dir, calibration), f"paths.output_dir={out}"],
             out / "logs" / f"{m}.merge.log",
         )
         eval_dirs[m] = out / "eval" / f"panel_{m}_{suite}"

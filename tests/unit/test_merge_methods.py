@@ -179,6 +179,8 @@ def test_merging_identical_models_returns_the_model(name):
     params.update(m.global_params, tensor_name="w")
     if m.needs_importance:
         params["importance"] = [torch.rand(4, 5) for _ in range(n)]
+    if m.needs_activations:  # what the activation pass writes (ACM's per-layer coefficients)
+        params["coef"] = [0.5] * n
     if name in ("ties", "dare_ties", "dare_linear"):
         params["density"] = [0.5] * n
     out = m([x.clone() for _ in range(n)], x.clone() if m.needs_base else None, **params)
@@ -265,6 +267,8 @@ def _inputs(m, g, shape, n):
         params["density"] = [0.5] * n
     if m.needs_importance:
         params["importance"] = [torch.rand(shape, generator=g) for _ in range(n)]
+    if m.needs_activations:
+        params["coef"] = [0.75, 0.0, 0.5][:n]  # 0: a NaN/Inf in that model still reaches the output
     return base, tensors, params
 
 

@@ -29,3 +29,16 @@ def test_methods_whose_inputs_cannot_be_met_are_left_out_with_a_reason():
     assert isinstance(two["fisher"], dict)
     args = panel.merge_args("ties", two["ties"], {"base": "/b", "math": "/m"}, "/o")
     assert "base=base" in args and "inputs=[math,science]" in args and "params.density=0.5" in args
+
+
+def test_acm_gets_the_branches_calibration_records():
+    """Guards against the panel running ACM without calibration rows (merge.py would stop: no
+    per-layer coefficients): its merge reads each branch's own train split."""
+    spec = panel.plan(["math", "science"], fisher=False)["acm"]
+    assert spec == {"base": "base", "inputs": ["math", "science"]}
+    files = [panel.CALIBRATION["toy"].format(out="/o", d=d) for d in ("math", "science")]
+    args = panel.merge_args("acm", spec, {"base": "/b"}, "/m", files)
+    assert (
+        "calibration.files=[/o/toy_world/data/math/train.jsonl,/o/toy_world/data/science/train.jsonl]" in args
+    )
+    assert not any(a.startswith("calibration") for a in panel.merge_args("ties", spec, {}, "/m", files))

@@ -38,6 +38,8 @@ class Method:
     model_params: ClassVar[dict[str, Any]] = {}  # per-model parameter -> default
     global_params: ClassVar[dict[str, Any]] = {}  # per-step parameter -> default
     needs_importance: ClassVar[bool] = False  # gets per-model importance tensors (Fisher)
+    # its per-model `coef` comes from merge.py's activation pass (branchmerge.merge.activations)
+    needs_activations: ClassVar[bool] = False
     view: ClassVar[str] = "flat"  # "flat" | "matrix": what one row of a block is
 
     def stats(self, ctx) -> Any:
@@ -76,6 +78,7 @@ def get_method(name: str) -> Method:
 
 
 from branchmerge.merge.methods import (  # noqa: E402,F401  (each module registers its methods)
+    acm,
     arcee_fusion,
     breadcrumbs,
     della,
