@@ -89,7 +89,7 @@ def l1_scale(ctx, i: int, kept: Callable[[torch.Tensor, object], torch.Tensor]) 
         a = d.abs_()
         return torch.stack([a.sum(dtype=torch.float64), (a * mask).sum(dtype=torch.float64)])
 
-    before, after = (rounded(x, ctx.dtype) for x in torch.stack(ctx.map(sums)).sum(0).tolist())
+    before, after = (rounded(x, ctx.dtype) for x in ctx.map_sum(sums).tolist())
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return rounded(before / after, ctx.dtype)
@@ -149,14 +149,10 @@ def rank_window(
 
 def gram(ctx, vectors: Callable[[object], list[torch.Tensor]]) -> torch.Tensor:
     """G_ij = ⟨x_i, x_j⟩ over whole tensors (N × N, float64, summed block by block); `vectors(rows)`
-    gives the N vectors' rows of one block.
+    gives the N vectors' rows of one block."""
 
-    Each block's N × N product leaves as Python floats: a small tensor kept alive until the sum
-    would sit in the heap hole its block's float64 copy just freed, so the next block's copy could not
-    reuse that hole and the heap grew by one copy per block (+0.6 GB on a 28 M-entry embedding)."""
-
-    def part(rows) -> list[list[float]]:
+    def part(rows) -> torch.Tensor:
         x = torch.stack([v.reshape(-1) for v in vectors(rows)]).double()
-        return (x @ x.T).tolist()
+        return x @ x.T
 
-    return torch.tensor(ctx.map(part), dtype=torch.float64).sum(0)
+    return ctx.map_sum(part)
