@@ -7,15 +7,17 @@ embeddings, 2 shards): a base and three variants (base + Gaussian deltas at 5% o
 `--layers 6 --vocab 32000` builds a mid-size checkpoint of the same layer shapes (118 M parameters)
 for short runs. For linear, TIES (density 0.5), DARE-TIES (density 0.5), Arcee Fusion and mergekit's
 same-architecture methods (DELLA, DELLA-linear, Breadcrumbs, Breadcrumbs-TIES, SCE, Karcher, NuSLERP,
-Multi-SLERP, NearSwap; parameters in `METHODS`): wall time and peak RSS of
-each tool in its own process (warm page cache: one untimed read first), and the I/O floor (copy every
+Multi-SLERP, NearSwap, Model Stock; parameters in `METHODS`) and ACM's merge phase with coefficients
+given per layer (no activation pass; mergekit has no ACM, so against the floor only): wall time and
+peak RSS of each tool in its own process (warm page cache: one untimed read first), and the I/O floor (copy every
 byte of every input out of the page cache, tensor by tensor, and write one output of the same size).
 Tools run interleaved (ours, mergekit, floor, repeat), each after the previous output is deleted and
 the page cache synced, and the minimum wall time over the repeats is reported (writing 1 GB into the
 page cache takes 0.2 s or, now and then, 1.5 s on this VM, for every tool; the median and all runs are
-kept in the JSON too). mergekit runs from its own virtualenv
-(outputs/perf/venv-mergekit) with its CLI `mergekit-yaml`. Prints ratios; writes
-experiments/perf/results/merge_bench.json.
+kept in the JSON too, with the 1-minute load average at each run's start and the ratios within each
+repeat). mergekit runs from its own virtualenv (`--mergekit-venv`, default outputs/perf/venv-mergekit,
+built on first use) with its CLI `mergekit-yaml`. Prints ratios; writes
+experiments/perf/results/merge_bench.json (`--out`).
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ def mergekit_python(venv: Path) -> Path:
 
 
 def timed(cmd: list[str], env=None) -> dict:
-    """Wall time and peak RSS of a command (via /usr/bin/time-like wait4 accounting)."""
+    """Wall time and peak RSS of a command (via /usr/bin/time-like wait4 accounting), and the 1-minute
+    load average when it started (the machine may be shared)."""
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -125,7 +129,7 @@ def timed(cmd: list[str], env=None) -> dict:
     err = proc.stderr.read().decode()[-2000:]
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err}")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "load_1m": load}
 
 
 IO_FLOOR = r"""
@@ -209,6 +213,7 @@ for _name, _base, _inputs, _per_model, _params in [
     ("nuslerp", True, ["v1", "v2"], {"weight": 1.0}, {}),
     ("multislerp", True, ["v1", "v2", "v3"], {"weight": 1.0}, {}),
     ("nearswap", True, ["v1"], {}, {"t": 0.0001}),
+    ("model_stock", True, ["v1", "v2", "v3"], {}, {}),
 ]:
     METHODS[_name] = (
         {
@@ -227,12 +232,33 @@ for _name, _base, _inputs, _per_model, _params in [
     )
 
 
+def acm_step(layers: int) -> dict:
+    """ACM's merge phase as merge.py runs it after the activation pass: each input's `coef` a pattern
+    map of per-layer coefficients (c_iℓ = 1 − NMI, made-up values in (0, 1)) with their mean as the
+    default, the form that pass writes."""
+    inputs = []
+    for i, v in enumerate(("v1", "v2", "v3")):
+        per_layer = [round(0.2 + 0.1 * i + 0.5 * (ell / max(1, layers - 1)), 4) for ell in range(layers)]
+        coef = {f".layers.{ell}.": c for ell, c in enumerate(per_layer)}
+        inputs.append({"model": v, "coef": {**coef, "default": sum(per_layer) / layers}})
+    return {"method": "acm", "base": "base", "inputs": inputs, "params": {"lambda_": 1.0}}
+
+
+METHODS["acm"] = (acm_step(QWEN05["num_hidden_layers"]), None)  # mergekit has no ACM: the floor only
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, default=ROOT / "outputs" / "perf" / "merge")
     ap.add_argument("--repeats", type=int, default=1, help="runs per tool, interleaved; the min is reported")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument(
+        "--mergekit-venv",
+        type=Path,
+        default=ROOT / "outputs" / "perf" / "venv-mergekit",
+        help="a virtualenv with mergekit's `mergekit-yaml` (built here on first use when missing)",
+    )
     ap.add_argument("--out", default="merge_bench.json", help="file name under experiments/perf/results")
     ap.add_argument(
         "--layers", type=int, default=QWEN05["num_hidden_layers"], help="a smaller checkpoint: fewer layers"
@@ -253,7 +279,7 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, "--build-only", "--root", str(args.root), *sizes], check=True)
     models = build_models(models_dir, shape=shape)
     paths = {k: str(v) for k, v in models.items()}
-    py = None if args.skip_mergekit else mergekit_python(ROOT / "outputs" / "perf" / "venv-mergekit")
+    py = None if args.skip_mergekit else mergekit_python(args.mergekit_venv)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     for p in models.values():  # warm the page cache: every tool then reads from memory
         for f in p.glob("*.safetensors"):
@@ -263,7 +289,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     for method in args.methods.split(","):
         step, mk_yaml = METHODS[method]
-        inputs = ([step["base"]] if "base" in step else []) + step["inputs"]
+        if method == "acm":
+            step = acm_step(args.layers)
+        refs = [i if isinstance(i, str) else i["model"] for i in step["inputs"]]
+        inputs = ([step["base"]] if "base" in step else []) + refs
         out = args.root / "out"
         runs = {"ours": [], "mergekit": [], "io_floor": []}
         for _ in range(args.repeats):
@@ -276,7 +305,7 @@ def main() -> None:
                 elif tool == "io_floor":
                     cmd = [sys.executable, "-c", IO_FLOOR, json.dumps([paths[i] for i in inputs]), str(out)]
                 else:
-                    if py is None:
+                    if py is None or mk_yaml is None:
                         continue
                     cfg = args.root / f"{method}.yml"
                     text = mk_yaml
@@ -293,7 +322,9 @@ def main() -> None:
                     "wall_s_median": statistics.median(r["wall_s"] for r in rs),
                     "wall_s_all": [round(r["wall_s"], 2) for r in rs],
                     "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
+                    "load_1m_all": [round(r["load_1m"], 2) for r in rs],
                 }
+        row["ratios"] = within_repeats(runs)
         results[method] = row
         o, f = row["ours"], row["io_floor"]
         line = f"{method:<14} ours {o['wall_s']:6.1f}s {o['peak_rss_gb']:.2f}GB | floor {f['wall_s']:6.1f}s "
@@ -306,6 +337,13 @@ def main() -> None:
                 f"{o['peak_rss_gb'] / m['peak_rss_gb']:.2f})"
             )
         print(line, flush=True)
+    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    if py is not None:
+        machine["mergekit"] = subprocess.run(
+            [str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / args.out).write_text(
         json.dumps(
@@ -313,11 +351,24 @@ def main() -> None:
                 "results": results,
                 "repeats": args.repeats,
                 "shape": {**QWEN05, **shape},
-                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+                "machine": machine,
             },
             indent=2,
         )
     )
+
+
+def within_repeats(runs: dict[str, list[dict]]) -> dict:
+    """Ratios of the fastest runs (mergekit/ours, ours/floor) and, run against run, those of each
+    repeat (the tools of one repeat ran back to back, under about the same load)."""
+    ours, floor, mk = runs["ours"], runs["io_floor"], runs["mergekit"]
+    best = {t: min(r["wall_s"] for r in rs) for t, rs in runs.items() if rs}
+    out = {"ours/floor": best["ours"] / best["io_floor"]}
+    out["ours/floor_per_repeat"] = [round(o["wall_s"] / f["wall_s"], 2) for o, f in zip(ours, floor)]
+    if mk:
+        out["mergekit/ours"] = best["mergekit"] / best["ours"]
+        out["mergekit/ours_per_repeat"] = [round(m["wall_s"] / o["wall_s"], 2) for m, o in zip(mk, ours)]
+    return out
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ class NormMatchedMedian(Method):
             d = deltas(ctx, rows)
             return torch.cat([d.double().pow(2).sum(1), d.median(0).values.double().pow(2).sum()[None]])
 
-        norms = torch.stack(ctx.map(squares)).sum(0).sqrt()
+        norms = ctx.map_sum(squares).sqrt()
         return float(norms[:-1].mean() / norms[-1]) if norms[-1] > 0 else 1.0
 
     def apply(self, ctx, scale, rows):

@@ -29,12 +29,21 @@ class ModelStock(Method):
         n = len(ctx.models)
         pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
 
-        def products(rows) -> torch.Tensor:  # (pairs + n, rows): ⟨Δ_i, Δ_j⟩ per pair, then ‖Δ_i‖²
+        # (pairs + n, rows): ⟨Δ_i, Δ_j⟩ per pair, then ‖Δ_i‖². Blocks write their columns into one
+        # buffer made up front: per-block results kept until a concatenation would each pin the heap
+        # hole of their block's float64 copies, growing the heap by a block per block.
+        prods = torch.empty(len(pairs) + n, ctx.n_rows, dtype=torch.float64, device=ctx.models[0].device)
+
+        def products(rows) -> None:
             base = rows.base().double()
             d = [rows.model(i).double().sub_(base) for i in range(n)]
-            return torch.stack([(d[i] * d[j]).sum(-1) for i, j in pairs] + [(x * x).sum(-1) for x in d])
+            col = prods[:, rows.start : rows.stop]
+            for k, (i, j) in enumerate(pairs):
+                torch.sum(d[i] * d[j], -1, out=col[k])
+            for k, x in enumerate(d, start=len(pairs)):
+                torch.sum(x * x, -1, out=col[k])
 
-        prods = torch.cat(ctx.map(products), dim=1)
+        ctx.map(products)
         if not ctx.p.filter_wise:
             prods = prods.sum(1, keepdim=True)
         norms = prods[len(pairs) :].sqrt()

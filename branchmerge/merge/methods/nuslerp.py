@@ -76,8 +76,7 @@ class NuSlerp(Method):
         if mode == "row":
             return t, None
         dim = None if mode == "tensor" else 0
-        parts = ctx.map(lambda rows: torch.stack(sums(*pair(ctx, rows), dim)))
-        return t, coefficients(*torch.stack(parts).sum(0), t)
+        return t, coefficients(*ctx.map_sum(lambda rows: torch.stack(sums(*pair(ctx, rows), dim))), t)
 
     def apply(self, ctx, stats, rows) -> torch.Tensor:
         t, coef = stats

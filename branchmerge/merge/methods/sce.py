@@ -66,7 +66,7 @@ class Sce(Method):
             taus = self.selected(ctx, rows, window)
             return torch.stack([t.square().sum(dtype=torch.float64) for t in taus])
 
-        means = (torch.stack(ctx.map(squares)).sum(0) / ctx.numel).tolist()
+        means = (ctx.map_sum(squares) / ctx.numel).tolist()
         return window, fuse_weights(means, ctx.dtype)
 
     def selection(self, ctx) -> RankWindow | None:

@@ -32,7 +32,7 @@ class Slerp(Method):
             a, b = rows.stored(0).double(), rows.stored(1).double()
             return torch.stack([a @ a, b @ b, a @ b])
 
-        aa, bb, ab = torch.stack(ctx.map(sums)).sum(0).tolist()
+        aa, bb, ab = ctx.map_sum(sums).tolist()
         na, nb = math.sqrt(aa), math.sqrt(bb)
         if na < EPS or nb < EPS:
             return 1 - t, t

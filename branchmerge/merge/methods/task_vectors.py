@@ -89,7 +89,7 @@ def l1_scale(ctx, i: int, kept: Callable[[torch.Tensor, object], torch.Tensor]) 
         a = d.abs_()
         return torch.stack([a.sum(dtype=torch.float64), (a * mask).sum(dtype=torch.float64)])
 
-    before, after = (rounded(x, ctx.dtype) for x in torch.stack(ctx.map(sums)).sum(0).tolist())
+    before, after = (rounded(x, ctx.dtype) for x in ctx.map_sum(sums).tolist())
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return rounded(before / after, ctx.dtype)
@@ -155,4 +155,4 @@ def gram(ctx, vectors: Callable[[object], list[torch.Tensor]]) -> torch.Tensor:
         x = torch.stack([v.reshape(-1) for v in vectors(rows)]).double()
         return x @ x.T
 
-    return torch.stack(ctx.map(part)).sum(0)
+    return ctx.map_sum(part)
