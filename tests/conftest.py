@@ -24,6 +24,17 @@ SMALL_WORLD = {
 }
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`make test-parallel`, `--dist loadgroup`): one group per test file, so that a
+    file's module-scoped fixtures are built on one worker, and one group for every user of
+    `toy_outputs`, so that the full toy world is built once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "toy_outputs" if "toy_outputs" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> Path:
     """A toy world (datasets + tokenizer), 200 test and 100 val items per domain, built once per session."""
