@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export SQLALCHEMY_SILENCE_UBER_WARNING ?= 1
 
-.PHONY: setup test test-fast demo lint format clean bench-train bench-merge
+.PHONY: setup test test-parallel test-fast demo lint format clean bench-train bench-merge
 
 # The code sandbox needs bubblewrap (`bwrap`): installed here as root on Debian/Ubuntu, else the
 # command is printed (evaluating or distilling code fails closed without it). PostgreSQL likewise
@@ -34,6 +34,11 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q --durations=30
+
+# Opt-in: the same suite on 2 pytest-xdist workers, one test file per worker at a time (tests/conftest.py
+# groups them); `make test` stays serial.
+test-parallel: setup
+	$(PY) -m pytest -q --durations=30 -n 2 --dist loadgroup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not distributed"

@@ -1,8 +1,10 @@
-"""Shared fixtures: a small toy world built once per test session, and Hydra config composition."""
+"""Shared fixtures: a small toy world and the full-size toy outputs, each built once per test session, and\nHydra config composition."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,17 @@ SMALL_WORLD = {
 }
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`make test-parallel`, `--dist loadgroup`): one group per test file, so that a
+    file's module-scoped fixtures are built on one worker, and one group for every user of
+    `toy_outputs`, so that the full toy world is built once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "toy_outputs" if "toy_outputs" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> Path:
     """A toy world (datasets + tokenizer), 200 test and 100 val items per domain, built once per session."""
@@ -35,6 +48,19 @@ def toy_world(tmp_path_factory) -> Path:
         splits=[SplitSpec(k, v) for k, v in SMALL_WORLD["splits"].items()],
         verify_sample=40,
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_outputs(tmp_path_factory) -> Path:
+    """An outputs folder after `python distill.py +experiment=toy_distill` started on an empty one: the
+    full toy world (toy_data, which the stage builds first) and the distilled traces, built once per
+    session. Tests that need the full-size world read it and write their own runs beside it."""
+    out = tmp_path_factory.mktemp("toy_outputs")
+    cmd = [sys.executable, "distill.py", "+experiment=toy_distill", f"paths.output_dir={out}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DONE = "done.json"  # a finished job's marker: what it ran and how long it took
+# Held by any model work the runner does in its own process (its worker threads): transformers builds
+# a model under torch's process-wide default dtype (set, then restored), so a bf16 and an fp32 model
+# built at once in two threads can leave either, or the process, in the other's dtype.
+IN_PROCESS_MODELS = threading.Lock()
 
 
 def warmup_ratio(warmup_steps: int, total_steps: int) -> float:
@@ -144,7 +149,7 @@ def export_snapshot(run_dir: Path, step: int, out_dir: Path) -> Path:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     weights = {k.removeprefix("model."): v for k, v in state.items()}
     config = AutoConfig.from_pretrained(final)
-    with torch.device("meta"):
+    with IN_PROCESS_MODELS, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(weights, strict=True, assign=True)
     plan = export_plan(model, prov["config"]["model"]["dtype"])

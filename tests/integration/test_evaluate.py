@@ -15,9 +15,14 @@ from tests.conftest import ROOT, TOY_BASE
 FIX = ROOT / "tests" / "fixtures" / "eval"
 
 
+def eval_cmd(tmp: Path, model: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "evaluate.py", f"model_path={model}", f"paths.output_dir={tmp}", *overrides]
+
+
 def run_eval(tmp: Path, model: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "evaluate.py", f"model_path={model}", f"paths.output_dir={tmp}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        eval_cmd(tmp, model, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-4000:])
     return proc

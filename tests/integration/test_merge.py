@@ -409,14 +409,23 @@ print(json.dumps({"before_kb": before, "after_kb": after}))
 """
 
 
+BIG = (24, 2048, 2048)  # 24 tensors of 16 MB: 384 MB per model
+
+
+@pytest.fixture(scope="module")
+def big_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("big")
+    return {k: str(_synthetic(root / k, *BIG, s)) for s, k in enumerate(("b", "x", "y", "z"))}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["linear", "ties", "arcee_fusion"])
-def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path, method):
+def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path, method, big_models):
     """Bound: growth of peak RSS <= 12 x the largest tensor (fp32) + 160 MB, for three 384 MB inputs.
     Guards against an engine that materialises a whole input (planted: `ckpt.tensor` for every name up
     front; 384 MB, 2.2x the bound)."""
-    n, rows, cols = 24, 2048, 2048  # 24 tensors of 16 MB: 384 MB per model
-    models = {k: str(_synthetic(tmp_path / k, n, rows, cols, s)) for s, k in enumerate(("b", "x", "y", "z"))}
+    _, rows, cols = BIG
+    models = big_models
     largest = rows * cols * 4
     args = {"models": models, "method": method, "out": str(tmp_path / "out")}
     if method == "arcee_fusion":

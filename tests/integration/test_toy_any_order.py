@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from branchmerge.toy.build import wants_toy_world
-from tests.conftest import ROOT, compose
+from tests.conftest import compose
 
 
 @pytest.mark.parametrize(
@@ -31,14 +28,11 @@ def test_which_configs_read_the_toy_world(config, overrides, wanted, tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_distill_from_an_empty_output_dir_builds_the_world(tmp_path):
+def test_toy_distill_from_an_empty_output_dir_builds_the_world(toy_outputs):
     """Guards against a toy stage that stops when `python distill.py +experiment=toy_data` was not run
-    first (with `ensure_world` disabled this run fails with 'the toy teacher needs a toy world')."""
-    cmd = [sys.executable, "distill.py", "+experiment=toy_distill", f"paths.output_dir={tmp_path}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    world = json.loads((tmp_path / "toy_world" / "manifest.json").read_text())
+    first (with `ensure_world` disabled this run fails with 'the toy teacher needs a toy world').
+    `toy_outputs` is that run: `python distill.py +experiment=toy_distill` on an empty output dir."""
+    world = json.loads((toy_outputs / "toy_world" / "manifest.json").read_text())
     assert set(world["sizes"]) == {"math", "code", "science"}
-    stats = json.loads((tmp_path / "toy_distill" / "manifest.json").read_text())["stats"]
+    stats = json.loads((toy_outputs / "toy_distill" / "manifest.json").read_text())["stats"]
     assert all(stats[d]["kept"] > 0 for d in ("math", "code", "science"))

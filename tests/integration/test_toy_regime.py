@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +33,15 @@ def tiny_argv(out: Path, toy_world: Path) -> list[str]:
 
 def verifier_evaluate(self, job, folder: Path, logf: Path) -> None:
     """evaluate.py's two output files (the fields the analysis reads), scored in this process by the
-    toy verifier: the same greedy generations and grading without a process start per model."""
+    toy verifier: the same greedy generations and grading without a process start per model. It runs
+    in the runner's worker threads, so it holds the runner's lock for in-process model work."""
     from branchmerge.toy.score import score_checkpoint
 
     tasks, rows = {}, []
     for d in job.spec["domains"]:
         test_file = self.eval_toy_dir / "data" / d / "test.jsonl"
-        res = score_checkpoint(job.spec["model"], test_file, self.a.limit, max_new_tokens=320)
+        with jobs.IN_PROCESS_MODELS:
+            res = score_checkpoint(job.spec["model"], test_file, self.a.limit, max_new_tokens=320)
         tasks[f"toy_{d}"] = {"pass@1": res["accuracy"], "questions": res["n"]}
         rows += [
             {"task": f"toy_{d}", "doc_id": i, "sample": 0, "verdict": int(v)}
@@ -50,11 +54,24 @@ def verifier_evaluate(self, job, folder: Path, logf: Path) -> None:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, toy_world) -> Path:
-    """The tiny grid through the runner: real train.py and merge.py processes, verifier scoring."""
+    """The tiny grid through the runner: real train.py and merge.py processes, verifier scoring.
+    Every model the runner's own process builds (snapshot exports, the verifier's scorings, both in
+    worker threads) must be built under jobs.IN_PROCESS_MODELS. Bug planted: the verifier scoring
+    without the lock -> torch's default dtype set with the lock free; unguarded, a bf16 linear merge
+    and an fp32 expert scored at once failed with 'float != BFloat16' now and then."""
     out = tmp_path_factory.mktemp("regime")
+    unguarded, set_default_dtype = [], torch.set_default_dtype
+
+    def guarded(dtype: torch.dtype) -> None:
+        if not jobs.IN_PROCESS_MODELS.locked():
+            unguarded.append(dtype)
+        set_default_dtype(dtype)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner.Study, "evaluate", verifier_evaluate)
+        mp.setattr(torch, "set_default_dtype", guarded)
         assert runner.main(tiny_argv(out, toy_world)) == 0, (out / "study.log").read_text()
+    assert not unguarded and torch.get_default_dtype() == torch.float32
     return out
 
 
@@ -94,10 +111,16 @@ def test_runner_writes_every_cell_and_the_analysis(study):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_runner_with_evaluate_py(tmp_path, toy_world):
-    """The same grid with every score from `python evaluate.py` (14 processes: ~3 min on an idle
-    2-core machine, most of it process starts)."""
+def test_runner_with_evaluate_py(study, tmp_path, toy_world):
+    """The same grid with every score from `python evaluate.py` (9 processes): the trainings and merges
+    are the `study` fixture's, copied with their done.json markers, so the runner runs only the
+    scorings."""
+    for part in ("train", "models", "merges"):
+        shutil.copytree(study / part, tmp_path / part)
+    shutil.copy(study / "study.json", tmp_path / "study.json")
     assert runner.main(tiny_argv(tmp_path, toy_world)) == 0, (tmp_path / "study.log").read_text()
+    started = re.findall(r"\] start (\S+)", (tmp_path / "study.log").read_text())
+    assert len(started) == 9 and all(k.startswith("eval/") for k in started)
     check_outputs(tmp_path)
 
 

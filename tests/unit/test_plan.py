@@ -27,6 +27,7 @@ from branchmerge.train.memory_model import (
     memory,
 )
 from branchmerge.train.plan import compose_train, estimate, model_shape
+from branchmerge.train.plan import main as plan_main
 from tests.conftest import ROOT
 
 SHAPE_32B = ModelShape(5120, 27648, 64, 40, 8, 152064, tied=False)
@@ -205,19 +206,18 @@ def test_math_branch_on_4_nodes_fits_and_shows_every_component():
     assert plan.time.steps == 970
 
 
-def test_plan_refuses_what_cannot_fit_and_names_the_fix():
-    """One node of 8 GPUs for the 32B, or no gradient checkpointing: exit 1, one line naming the change."""
+def test_plan_refuses_what_cannot_fit_and_names_the_fix(capsys):
+    """One node of 8 GPUs for the 32B, or no gradient checkpointing: exit 1, one line naming the change.
+    The first through `python -m branchmerge.train.plan`, the others through its `main` in process."""
     cmd = [sys.executable, "-m", "branchmerge.train.plan", "+experiment=math_branch"]
     one_node = subprocess.run([*cmd, "trainer.num_nodes=1"], capture_output=True, text=True, cwd=ROOT)
     assert one_node.returncode == 1
     assert "raise trainer.num_nodes to 2" in one_node.stderr
-    no_gc = subprocess.run(
-        [*cmd, "trainer.gradient_checkpointing=false"], capture_output=True, text=True, cwd=ROOT
-    )
-    assert no_gc.returncode == 1 and "trainer.gradient_checkpointing=true" in no_gc.stderr
-    ok = subprocess.run([*cmd, "+plan.gpu=H200", "+plan.mfu=0.5"], capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0, ok.stderr
-    assert "MFU 0.50 of 989 TFLOP/s" in ok.stdout and "of 139.8" in ok.stdout
+    assert plan_main(["+experiment=math_branch", "trainer.gradient_checkpointing=false"]) == 1
+    assert "trainer.gradient_checkpointing=true" in capsys.readouterr().err
+    assert plan_main(["+experiment=math_branch", "+plan.gpu=H200", "+plan.mfu=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "MFU 0.50 of 989 TFLOP/s" in out and "of 139.8" in out
 
 
 def test_measured_data_stats_replace_the_assumptions(tmp_path):
