@@ -1,4 +1,5 @@
-"""Shared fixtures: a small toy world and the full-size toy outputs, each built once per test session, and\nHydra config composition."""
+"""Shared fixtures: a small toy world and the full-size toy outputs, each built once per test session,
+and Hydra config composition."""
 
 from __future__ import annotations
 
