@@ -1,7 +1,11 @@
 """`make demo`: the toy Branch-Merge pipeline end to end on CPU, through the real entry points.
 
-    toy data -> (shipped toy base) -> 3 branches + the mixture baseline -> the TinyR1 merge in both
-    orders and Figure 2's methods -> every model evaluated on all three toy domains -> the table
+    toy data -> (shipped strong toy base) -> 3 branches + the mixture baseline -> the TinyR1 merge in
+    both orders and Figure 2's methods -> every model evaluated on all three toy domains -> the table
+
+The regime is the paper's: a base that is already a strong reasoner (the shipped strong toy base) and
+branches that learn harder problems than it was trained on (the harder toy world, `toy_data_hard`), with
+a small learning rate; the branch recipe is the one the regime study (`experiments/toy_regime/`) picked.
 
 Every stage is the command a user would type, run as its own process (two at a time, one thread
 each: on 2 cores that is faster than one job with two threads). A finished stage is reused when the
@@ -34,6 +38,10 @@ MERGES = {  # row label -> merge experiment
     "all three: importance fusion (ours)": "toy_merge_importance",
 }
 DOMAINS = ["toy_math", "toy_code", "toy_science"]
+WORLD = "toy_data_hard"  # the branches' toy world (distill experiment) and where it is written
+WORLD_DIR = OUT / "toy_world_hard"
+BASE_DIR = ROOT / "branchmerge" / "toy" / "assets" / "toy_base_strong"
+SUITE = "toy_demo"  # the first 500 test items per domain
 BASE = "base (toy R1-Distill stand-in)"  # the row labels of stage 4's models, as the paired table names them
 EXPERTS = {"toy_math": "math expert", "toy_code": "code expert", "toy_science": "science expert"}
 MIXTURE = "data mixture SFT"
@@ -108,8 +116,8 @@ def say(msg: str) -> None:
 def main() -> None:
     t_all = time.time()
     timings: dict[str, float] = {}
-    say("=== 1/4 toy world: python distill.py +experiment=toy_data")
-    timings["toy_data"] = run(["distill.py", "+experiment=toy_data"], "toy_data")
+    say(f"=== 1/4 toy world: python distill.py +experiment={WORLD}")
+    timings[WORLD] = run(["distill.py", f"+experiment={WORLD}"], WORLD)
 
     say("=== 2/4 branches and the mixture: python train.py +experiment=<name>  (2 at a time, 1 thread each)")
     todo = {
@@ -134,9 +142,9 @@ def main() -> None:
         prov = json.loads((OUT / "merge" / exp / "model" / "merge_provenance.json").read_text())
         merge_cost[label] = prov["seconds"]
 
-    say("=== 4/4 evaluation on all three toy domains: python evaluate.py model_path=<model> eval=toy")
+    say(f"=== 4/4 evaluation on all three toy domains: python evaluate.py model_path=<model> eval={SUITE}")
     models = {
-        "base (toy R1-Distill stand-in)": ROOT / "branchmerge" / "toy" / "assets" / "toy_base",
+        BASE: BASE_DIR,
         "math expert": OUT / "train" / "toy_math_branch" / "export",
         "code expert": OUT / "train" / "toy_code_branch" / "export",
         "science expert": OUT / "train" / "toy_science_branch" / "export",
@@ -146,9 +154,16 @@ def main() -> None:
     jobs, result_files = {}, {}
     for label, path in models.items():
         tag = path.parent.name if path.name in ("export", "model") else path.name
-        result_files[label] = OUT / "eval" / f"{tag}_toy" / "results.json"
+        result_files[label] = OUT / "eval" / f"{tag}_{SUITE}" / "results.json"
         if not _fresh(result_files[label], path):
-            jobs[f"eval_{tag}"] = ["evaluate.py", f"model_path={path}", "eval=toy", "threads=1"]
+            jobs[f"eval_{tag}"] = [
+                "evaluate.py",
+                f"model_path={path}",
+                f"eval={SUITE}",
+                f"paths.toy_dir={WORLD_DIR}",
+                f"paths.toy_world={WORLD}",
+                "threads=1",
+            ]
     timings.update(parallel(jobs))
 
     from branchmerge.report.toy_table import write_toy_table
@@ -203,6 +218,7 @@ def write_paired(result_files: dict[str, Path], out_dir: Path) -> str:
         merges=list(MERGES),
         fig2=[k for k in MERGES if k.startswith("math + science")],
         fig2_refs=FIG2_REFS,
+        headline="(math & science) & code = TinyR1 order",
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 TOY_BASE = ROOT / "branchmerge" / "toy" / "assets" / "toy_base"
+TOY_BASE_STRONG = ROOT / "branchmerge" / "toy" / "assets" / "toy_base_strong"  # the demo branches' base
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,8 +80,10 @@ def load_model_entry(name: str, toy_dir: str | Path = "/toy_world"):
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
     if "defaults" in cfg:
         base = load_model_entry(cfg.defaults[0], toy_dir)
-        cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
-    root = OmegaConf.create({"paths": {"toy_dir": str(toy_dir), "toy_base": str(TOY_BASE)}, "model": cfg})
+        own = OmegaConf.to_container(cfg, resolve=False)  # unresolved: its ${paths.*} resolve below
+        cfg = OmegaConf.merge(base, {k: v for k, v in own.items() if k != "defaults"})
+    paths = {"toy_dir": str(toy_dir), "toy_base": str(TOY_BASE), "toy_base_strong": str(TOY_BASE_STRONG)}
+    root = OmegaConf.create({"paths": paths, "model": cfg})
     return OmegaConf.create(OmegaConf.to_container(root.model, resolve=True))
 
 

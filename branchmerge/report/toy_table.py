@@ -112,6 +112,7 @@ def write_paired_table(
     merges: list[str],
     fig2: list[str],
     fig2_refs: list[str],
+    headline: str | None = None,
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> str:
@@ -120,7 +121,9 @@ def write_paired_table(
     `results` maps a row label to its results.json (samples.jsonl beside it); `experts` maps a task
     (toy_math, ...) to its expert's label; `fig2` are the math + science merges, each compared with
     every label in `fig2_refs` (TIES, Arcee Fusion). Differences are in points (A − B), bold where the
-    95% interval excludes 0; retention is (merge − base)/(expert − base) on each domain.
+    95% interval excludes 0; retention is (merge − base)/(expert − base) on each domain. With
+    `headline` (a merge's label, the TinyR1 order), paired.md opens with the paper's pattern checked
+    on this run (`checks_markdown`).
     """
     needed = [base, *experts.values(), *([mixture] if mixture else []), *merges, *fig2, *fig2_refs]
     missing = sorted({label for label in needed if label not in results})
@@ -130,6 +133,8 @@ def write_paired_table(
     entries = _paired_entries(scores, base, experts, mixture, merges, fig2, fig2_refs)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = _paired_markdown(entries, scores.level)
+    if headline:
+        md = checks_markdown(scores, base, experts, headline, fig2) + "\n" + md
     (out_dir / "paired.md").write_text(md)
     _paired_csv(entries, out_dir / "paired.csv")
     return md
@@ -223,6 +228,43 @@ def _paired_entries(s: _Scores, base, experts, mixture, merges, fig2, fig2_refs)
             for d, e in experts.items()
         )
     return out
+
+
+MIN_EXPERT_GAIN, MIN_RETENTION = 0.05, 0.70  # the paper's pattern, as the toy demo checks it
+
+
+def checks_markdown(s: _Scores, base: str, experts: dict[str, str], merge: str, fig2: list[str]) -> str:
+    """The paper's pattern, checked on this run with paired intervals: each expert gains >= 5 points on
+    its own domain (interval above 0); `merge` keeps >= 70% of each expert's gain and its mean is at
+    least the best expert's; which Figure-2 methods differ from each other (interval excluding 0)."""
+    ok = {True: "yes", False: "**no**"}
+    lines = ["### The paper's pattern on this run", "", "| check | measured | holds |", "|---|---|---|"]
+    for task, e in experts.items():
+        d = s.diff(e, base, task)
+        good = d.delta >= MIN_EXPERT_GAIN and d.lo > 0
+        lines.append(f"| {e} − base on {_NAME[task]} ≥ +5, interval above 0 | {_cell(d)} | {ok[good]} |")
+    for task, e in experts.items():
+        r = s.retention(merge, base, e, task)
+        lines.append(
+            f"| {merge}: retention on {_NAME[task]} ≥ 0.70 | {_cell(r)} | {ok[r.value >= MIN_RETENTION]} |"
+        )
+    means = {e: sum(float(s.x[t][s.row[e]].mean()) for t in _TASKS) / len(_TASKS) for e in experts.values()}
+    best = max(means, key=means.get)
+    d = s.diff_mean(merge, best)
+    lines.append(f"| {merge} mean − best expert's mean ({best}) ≥ 0 | {_cell(d)} | {ok[d.delta >= 0]} |")
+    pairs = [
+        f"{a} vs {b} on {_NAME[t]} ({_cell(s.diff(a, b, t))})"
+        for i, a in enumerate(fig2)
+        for b in fig2[i + 1 :]
+        for t in _TASKS
+        if s.diff(a, b, t).excludes_zero
+    ]
+    lines.append(
+        f"| Figure 2: pairs of methods that differ (interval excludes 0) | {len(pairs)} | {ok[bool(pairs)]} |"
+    )
+    if pairs:
+        lines += ["", "Differing Figure-2 pairs: " + "; ".join(pairs) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def _cell(stat: Paired | Interval) -> str:

@@ -7,6 +7,7 @@ demand when a toy experiment finds it missing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import subprocess
@@ -105,13 +106,20 @@ def ensure_world(cfg: DictConfig) -> None:
     toy_dir = Path(cfg.paths.toy_dir)
     if (toy_dir / "manifest.json").exists():
         return
-    world = cfg.paths.get("toy_world") or "toy_data"
-    log.info("no toy world at %s: building it first (python distill.py +experiment=%s)", toy_dir, world)
-    cmd = [
-        sys.executable,
-        str(Path(cfg.paths.root_dir) / "distill.py"),
-        f"+experiment={world}",
-        f"paths.toy_dir={toy_dir}",
-        f"paths.output_dir={cfg.paths.output_dir}",
-    ]
-    subprocess.run(cmd, check=True, cwd=cfg.paths.root_dir)
+    # Stages started side by side (the demo's branches) find the world missing together: one builds it
+    # while the others wait on the lock, then find its manifest.
+    toy_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (toy_dir.parent / f".{toy_dir.name}.build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (toy_dir / "manifest.json").exists():
+            return
+        world = cfg.paths.get("toy_world") or "toy_data"
+        log.info("no toy world at %s: building it first (python distill.py +experiment=%s)", toy_dir, world)
+        cmd = [
+            sys.executable,
+            str(Path(cfg.paths.root_dir) / "distill.py"),
+            f"+experiment={world}",
+            f"paths.toy_dir={toy_dir}",
+            f"paths.output_dir={cfg.paths.output_dir}",
+        ]
+        subprocess.run(cmd, check=True, cwd=cfg.paths.root_dir)

@@ -232,48 +232,77 @@ def group_costs(out: Path) -> dict[str, float]:
     return dict(costs)
 
 
-def plot(stats: dict, bases: list[str], path: Path) -> Path:
+def plot(stats: dict, bases: list[str], path: Path, title: str | None = None) -> Path:
+    """Per base two rows of three panels, one per domain: each merge's (and the mixture's) retention
+    of that domain's expert gain against lr x steps (one line per method and lr; retention clipped to
+    [-1, 2], undefined where the expert does not gain), and the expert's own-domain gain, with the
+    criterion's thresholds (70%, 5 points) and its pick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(bases), figsize=(5 * len(bases), 7), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(
+        2 * len(bases), len(DOMAINS), figsize=(13, 6.5 * len(bases)), squeeze=False, sharex=True
+    )
+    styles = ["-", "--", ":", "-."]
     for j, base in enumerate(bases):
-        top, bottom = axes[0][j], axes[1][j]
-        xs = settings(stats, base)
-        for model in MODELS:
-            pts = [(lr * st, min_over_domains(stats, base, lr, st, model, "retention")) for lr, st in xs]
-            pts = [(x, y) for x, y in pts if not np.isnan(y)]
-            if pts:
-                top.plot(*zip(*pts), marker="o", label=model)
-        gains = [(lr * st, min_over_domains(stats, base, lr, st, "linear", "gain")) for lr, st in xs]
-        gains = [(x, y) for x, y in gains if not np.isnan(y)]
-        if gains:
-            bottom.plot(*zip(*gains), marker="s", color="k")
+        lrs = sorted({lr for lr, _ in settings(stats, base)})
         pick = criterion(stats, base)
-        for ax, thr in ((top, MIN_RETENTION), (bottom, MIN_GAIN)):
-            ax.axhline(thr, ls="--", color="grey")
-            ax.set_xscale("log")
-            if pick:
-                ax.axvline(pick[0] * pick[1], color="red", alpha=0.4)
-        top.set_title(f"base: {base}")
-        top.set_ylabel("min over domains of retention")
-        bottom.set_ylabel("min own-domain expert gain (points)")
-        bottom.set_xlabel("branch update size: lr × steps")
-        if top.get_legend_handles_labels()[0]:
-            top.legend(fontsize=8)
+        for c, d in enumerate(DOMAINS):
+            top, bottom = axes[2 * j][c], axes[2 * j + 1][c]
+            for k, lr in enumerate(lrs):  # one line per lr and method: steps grow along it
+                steps = [st for lr_, st in settings(stats, base) if lr_ == lr]
+                tag = f" (lr {lr:.0e})" if len(lrs) > 1 else ""
+                for i, model in enumerate(MODELS):
+                    pts = [
+                        (lr * st, stats.get((base, lr, st, model, d), {}).get("retention", (np.nan,))[0])
+                        for st in steps
+                    ]
+                    pts = [(x, float(np.clip(y, -1, 2))) for x, y in pts if not np.isnan(y)]
+                    if pts:
+                        top.plot(*zip(*pts), marker="o", ls=styles[k % 4], color=f"C{i}", label=model + tag)
+                gains = [
+                    (lr * st, stats.get((base, lr, st, "linear", d), {}).get("gain", (np.nan,))[0])
+                    for st in steps
+                ]
+                gains = [(x, y) for x, y in gains if not np.isnan(y)]
+                if gains:
+                    bottom.plot(*zip(*gains), marker="s", ls=styles[k % 4], color="k", label=f"lr {lr:.0e}")
+            for ax, thr in ((top, MIN_RETENTION), (bottom, MIN_GAIN)):
+                ax.axhline(thr, ls="--", color="grey")
+                ax.set_xscale("log")
+                if pick:
+                    ax.axvline(pick[0] * pick[1], color="red", alpha=0.4)
+            top.set_ylim(-1.1, 2.1)
+            top.set_title(f"base {base}: {d}")
+            bottom.set_xlabel("branch update size: lr × steps")
+            if c == 0:
+                top.set_ylabel("retention of the expert's gain")
+                bottom.set_ylabel("own-domain expert gain (points)")
+                if top.get_legend_handles_labels()[0]:
+                    top.legend(fontsize=7)
+                if len(lrs) > 1:
+                    bottom.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def analyze(out: Path, results: Path | None = None) -> dict:
-    results = results or out / "results"
+def analyze(out: Path | list[Path], results: Path | None = None, title: str | None = None) -> dict:
+    """Analyse one study folder, or several (the same base studied at other lrs or step grids, run as
+    separate `--out`s): their evaluations are pooled; a model scored in two of them counts once."""
+    outs = [out] if isinstance(out, Path) else list(out)
+    results = results or outs[0] / "results"
     results.mkdir(parents=True, exist_ok=True)
-    evals = load_evals(out)
+    evals: dict = {}
+    for o in outs:
+        for k, v in load_evals(o).items():
+            evals.setdefault(k, v)
     rows = cell_rows(evals)
     bases = list(dict.fromkeys(k[0] for k in evals))
     if rows:
@@ -287,21 +316,31 @@ def analyze(out: Path, results: Path | None = None) -> dict:
         for k, scores in evals.items()
         if k[4] == "base"
     }
-    (results / "summary.md").write_text(summary(stats, base_scores, group_costs(out), bases))
-    plot(stats, bases or ["(none)"], results / "regime_map.png")
+    costs = {g: c for o in outs for g, c in group_costs(o).items()}
+    (results / "summary.md").write_text(summary(stats, base_scores, costs, bases))
+    plot(stats, bases or ["(none)"], results / "regime_map.png", title)
     return {"rows": len(rows), "picks": {b: criterion(stats, b) for b in bases}, "results": str(results)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("outputs/toy_regime"), help="the runner's --out")
-    p.add_argument("--results", type=Path, default=None, help="default: <out>/results")
+    p.add_argument(
+        "--out",
+        type=Path,
+        action="append",
+        default=[],
+        help="the runner's --out (repeatable: studies of one base at other lrs are pooled)",
+    )
+    p.add_argument("--results", type=Path, default=None, help="default: <first out>/results")
+    p.add_argument("--title", default=None, help="the map's title (e.g. which toy world)")
     a = p.parse_args()
-    if not (a.out / "evals").is_dir():
-        raise SystemExit(
-            f"{a.out / 'evals'} does not exist: run experiments/toy_regime/run.py --out {a.out} first"
-        )
-    info = analyze(a.out, a.results)
+    outs = a.out or [Path("outputs/toy_regime")]
+    for out in outs:
+        if not (out / "evals").is_dir():
+            raise SystemExit(
+                f"{out / 'evals'} does not exist: run experiments/toy_regime/run.py --out {out} first"
+            )
+    info = analyze(outs, a.results, a.title)
     print(json.dumps(info, indent=2))
 
 

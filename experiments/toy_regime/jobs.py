@@ -98,6 +98,7 @@ def train_args(
         "train.py",
         f"+experiment={experiment}",
         f"paths.toy_base={base}",
+        f"model.path={base}",  # whichever model entry the branch config names
         f"paths.toy_dir={toy_dir}",
         f"paths.output_dir={output_dir}",
         f"hydra.run.dir={run_dir}",

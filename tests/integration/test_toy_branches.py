@@ -1,5 +1,6 @@
-"""The situation the method exists for, measured: each toy branch, trained from the shipped toy base
-with its own experiment config, beats the base on its own domain's held-out set (greedy, toy verifier)."""
+"""The situation the method exists for, measured: each toy branch, trained from the shipped strong toy
+base with its own experiment config on the harder toy world (which the branch's training builds first),
+beats the base on its own domain's held-out set (greedy, toy verifier)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TOY_BASE
+from tests.conftest import ROOT, TOY_BASE_STRONG
 from tests.integration.test_evaluate import check_against_verifier, eval_cmd
 
 DOMAINS = ("math", "code", "science")
@@ -66,11 +67,13 @@ def score_cmd(model: Path, domain: str, world: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # ~5 min on an idle 2-core machine: three trainings, seven scorings
+@pytest.mark.timeout(2400)  # ~10 min on an idle 2-core machine: three trainings, seven scorings
 def test_each_toy_branch_beats_the_base_on_its_own_domain(toy_outputs, tmp_path):
     """The trainings, the base's scorings and each branch's scorings (started as its training ends)
-    run side by side, one thread each, so both cores stay busy until the last scoring."""
-    world = toy_outputs / "toy_world"
+    run side by side, one thread each, so both cores stay busy until the last scoring. The three
+    trainings start together on an output folder without the harder world: one builds it, the
+    others wait for it (a world half-written by two builders fails their data loading)."""
+    world = toy_outputs / "toy_world_hard"
     branches = {d: toy_outputs / "train" / f"toy_{d}_branch" / "export" for d in DOMAINS}
     with Procs(tmp_path, deadline=time.time() + 2200) as procs:
         for d in DOMAINS:
@@ -79,8 +82,12 @@ def test_each_toy_branch_beats_the_base_on_its_own_domain(toy_outputs, tmp_path)
                 [sys.executable, "train.py", f"+experiment=toy_{d}_branch", "logger=csv"]
                 + ["trainer.progress_bar=false", f"paths.output_dir={toy_outputs}"],
             )
+        deadline = time.time() + 600
+        while not (world / "manifest.json").exists():  # the base is scored on the world the branches build
+            assert time.time() < deadline, "no toy world was built by the branches' training"
+            time.sleep(1)
         for d in DOMAINS:
-            procs.start(f"base_{d}", score_cmd(TOY_BASE, d, world))
+            procs.start(f"base_{d}", score_cmd(TOY_BASE_STRONG, d, world))
         trained: set[str] = set()
         while len(trained) < len(DOMAINS):
             time.sleep(1)
@@ -90,7 +97,9 @@ def test_each_toy_branch_beats_the_base_on_its_own_domain(toy_outputs, tmp_path)
                     procs.start(f"branch_{d}", score_cmd(branches[d], d, world))
             if "math" in trained and "eval_math" not in procs.running:
                 # the math branch through evaluate.py (lm-eval, HF backend) as well
-                cmd = eval_cmd(toy_outputs, branches["math"], EVAL_MATH, "threads=1")
+                cmd = eval_cmd(
+                    toy_outputs, branches["math"], EVAL_MATH, "threads=1", f"paths.toy_dir={world}"
+                )
                 procs.start("eval_math", cmd)
         report = {
             d: tuple(

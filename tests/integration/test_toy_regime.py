@@ -226,3 +226,26 @@ def test_budget_skips_unstarted_groups_but_finishes_started_ones(tmp_path, toy_w
     started = [k for k in keys if "lr1e-04" in k]
     assert "train/weak/lr1e-04_s0/code" in started and "train/weak/lr1e-04_s0/math" not in started
     assert len(started) == 13 - 1  # 3 trains + 2 merges + 6 expert + 2 merge scorings, one done
+
+
+def test_analysis_pools_studies_of_one_base_at_other_lrs(study, tmp_path):
+    """Guards against `analyze.py --out A --out B` dropping B's cells, or counting the base twice:
+    the study's cells moved to a second folder under another lr (its base evaluated in both) give
+    twice the rows, one setting per lr, each with the same scores as the original."""
+    other = tmp_path / "other_lr"
+    (other / "evals" / "weak").mkdir(parents=True)
+    shutil.copytree(study / "evals" / "weak" / "base", other / "evals" / "weak" / "base")
+    cell = next(p.name for p in (study / "evals" / "weak").iterdir() if p.name.startswith("lr"))
+    moved = cell.replace("lr", "lr9", 1)  # lr 1e-3 -> lr 91e-3 in the folder name: a different lr
+    shutil.copytree(study / "evals" / "weak" / cell, other / "evals" / "weak" / moved)
+    info = analyze.analyze([study, other], tmp_path / "pooled")
+    rows = list(csv.DictReader((tmp_path / "pooled" / "cells.csv").open()))
+    assert info["rows"] == len(rows) == 2 * 2 * 3
+    by_lr: dict[str, list] = {}
+    for r in rows:
+        by_lr.setdefault(r["lr"], []).append((r["steps"], r["domain"], r["score"], r["base_score"]))
+    assert len(by_lr) == 2
+    first, second = (sorted(v) for v in by_lr.values())
+    assert first == second
+    summary = (tmp_path / "pooled" / "summary.md").read_text()
+    assert summary.count("## base `weak`") == 1

@@ -279,6 +279,24 @@ def test_toy_paired_table_blocks(paired_table):
     assert (out / "paired.md").read_text() == md
 
 
+def test_toy_paired_table_opens_with_the_papers_pattern_checked(paired_table):
+    """Guards against the demo's verdict lines reading the wrong rows or signs: each expert gains 25
+    points (10 of 40 items) on its own domain; the TinyR1-order row scores as the base, so it keeps 0%
+    of every gain and its mean is 25/3 points below the best expert's; TIES and the soup differ on math."""
+    md, _, _ = paired_table
+    block = md.split("\n\n### merge − ")[0]
+    assert block.startswith("### The paper's pattern on this run")
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in block.splitlines() if line.startswith("| ")}
+    for name in ("math", "code", "science"):
+        gain = lines[f"{name} expert − base on {name} ≥ +5, interval above 0"]
+        assert "**+25.0 [" in gain and gain.endswith("| yes |")
+        keep = lines[f"(math & science) & code = TinyR1 order: retention on {name} ≥ 0.70"]
+        assert "0.00 [" in keep and keep.endswith("| **no** |")
+    mean = lines["(math & science) & code = TinyR1 order mean − best expert's mean (math expert) ≥ 0"]
+    assert "-8.3 [" in mean and mean.endswith("| **no** |")
+    assert "math + science: model soup vs math + science: TIES on math" in block
+
+
 def test_toy_table_intervals_equal_the_cli_ones(paired_table, demo_results):
     """Guards against the table bootstrapping a comparison differently from `report paired` (task t: seed t)."""
     _, rows, _ = paired_table
@@ -307,4 +325,5 @@ def test_demo_row_labels_line_up():
         if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "models" for t in n.targets)
     )
     keys = {k.value for k in models.keys if isinstance(k, ast.Constant)} | set(demo.MERGES)
+    keys |= {getattr(demo, k.id) for k in models.keys if isinstance(k, ast.Name)}  # e.g. BASE
     assert {demo.BASE, demo.MIXTURE, *demo.EXPERTS.values(), *demo.FIG2_REFS} <= keys
