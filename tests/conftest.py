@@ -26,10 +26,30 @@ SMALL_WORLD = {
 }
 
 
+TOY_BRANCHES_TEST = "test_each_toy_branch_beats_the_base_on_its_own_domain"
+EARLY_JOBS: dict[str, tuple[subprocess.Popen, Path]] = {}  # name -> (process, its folder)
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: a deselected test starts no job
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`make test-parallel`, `--dist loadgroup`): one group per test file, so that a
+    """Starts the toy-branch job in the background when its test is collected (not in an xdist
+    worker, which would start one per worker): niced, its trainings use the core that the mostly
+    single-process suite leaves idle, and the test finds them done or nearly so.
+
+    Under pytest-xdist (`make test-parallel`, `--dist loadgroup`): one group per test file, so that a
     file's module-scoped fixtures are built on one worker, and one group for every user of
     `toy_outputs`, so that the full toy world is built once."""
+    if not hasattr(config, "workerinput") and any(i.name == TOY_BRANCHES_TEST for i in items):
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="bm-toy-branches-"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = ["nice", "-n", "10", sys.executable, "-m", "tests.integration.toy_branches_job", str(out)]
+        with (out / "job.log").open("w") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        EARLY_JOBS["toy_branches"] = (proc, out)
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
@@ -118,3 +138,16 @@ def compose(
             with open_dict(cfg):
                 del cfg["hydra"]
     return cfg
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """A background job still running when the session ends (its test deselected by -x, a failure)
+    is stopped, and its folder removed."""
+    import shutil
+    import signal
+
+    for proc, out in EARLY_JOBS.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the job and the trainings it started
+            proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
