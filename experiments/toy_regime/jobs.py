@@ -97,7 +97,6 @@ def train_args(
     return [
         "train.py",
         f"+experiment={experiment}",
-        f"paths.toy_base={base}",
         f"model.path={base}",  # whichever model entry the branch config names
         f"paths.toy_dir={toy_dir}",
         f"paths.output_dir={output_dir}",

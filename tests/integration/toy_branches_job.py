@@ -69,13 +69,9 @@ class Procs:
 
 
 def score_cmd(model: Path, domain: str, world: Path) -> list[str]:
-    return [sys.executable, "-m", "branchmerge.toy.score", str(model), "--domain", domain] + [
-        "--toy-dir",
-        str(world),
-        "--threads",
-        "1",
-        "--limit",
-        str(LIMIT),
+    return [
+        *(sys.executable, "-m", "branchmerge.toy.score", str(model), "--domain", domain),
+        *("--toy-dir", str(world), "--threads", "1", "--limit", str(LIMIT)),
     ]
 
 
